@@ -1,0 +1,227 @@
+"""YAML configs -> validated dataclasses. Errors name the bad key by its dotted path.
+
+A config has the sections ``data``, ``model``, ``train``, ``infer`` and one free-form section per method
+(``knowledge_mining:``, ``llm_segnet:`` ...) that the method validates against its own dataclass.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    root: str = ""
+    """An MSD dataset (dataset.json, imagesTr/, labelsTr/), an images/ + masks/ (or labels/) folder pair, or a
+    folder of UA-MT/SSL4MIS .h5 files. Relative paths are taken from the directory the command runs in."""
+    layout: str = "auto"  # auto | msd | folders | h5
+    num_classes: int = 2
+    labelled: float = 0.1
+    """Count (>= 1) or fraction (< 1) of the training cases that keep their labels."""
+    val: float = 0.2
+    """Count or fraction of all cases held back for validation (never trained on)."""
+    test: float = 0.0
+    unlabelled: Optional[float] = None
+    """Count or fraction of the remaining cases used without labels; default: all of them."""
+    seed: int = 0
+    intensity: str = "none"  # none | zscore | minmax | percentile | rgb
+    max_cases: Optional[int] = None
+    """Use only this many cases in total (a random subset, for quick runs)."""
+    cache_dir: Optional[str] = None
+    labels: Optional[dict] = None
+    """Label value -> name; read from dataset.json when absent."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vnet"  # vnet | unet3d | unet2d | unetpp2d
+    in_channels: int = 1
+    features: int = 16
+    dropout: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 6000
+    patch_size: list = field(default_factory=lambda: [112, 112, 80])
+    batch_size: int = 2
+    unlabelled_batch_size: int = 2
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    lr: float = 0.01
+    weight_decay: float = 1e-4
+    schedule: str = "poly"  # poly | constant | cosine
+    val_every: int = 500
+    checkpoint_every: int = 100
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True
+    """Mixed precision; only ever used on CUDA."""
+    augment: bool = True
+    foreground_crop: float = 0.5
+    """Probability that a labelled patch is centred on foreground (helps small structures)."""
+    val_max_cases: Optional[int] = None
+
+
+@dataclass
+class InferConfig:
+    patch_size: Optional[list] = None  # default: train.patch_size
+    overlap: float = 0.5
+    largest_component: bool = False
+    batch_size: int = 4
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    method: str = "supervised"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    method_params: dict = field(default_factory=dict)
+    """The method's own section (``config[method]`` in YAML), validated by the method."""
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        params = d.pop("method_params")
+        if params:
+            d[self.method] = params
+        return d
+
+
+def _type_ok(value, tp) -> tuple[bool, Any]:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True, value
+    if origin is Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return True, None
+        for a in args:
+            if a is type(None):
+                continue
+            ok, v = _type_ok(value, a)
+            if ok:
+                return True, v
+        return False, value
+    if tp is float:
+        if isinstance(value, bool):
+            return False, value
+        return (isinstance(value, (int, float)), float(value) if isinstance(value, (int, float)) else value)
+    if tp is int:
+        return (isinstance(value, int) and not isinstance(value, bool)), value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is str:
+        return isinstance(value, str), value
+    if tp is list or origin is list:
+        return isinstance(value, (list, tuple)), list(value) if isinstance(value, (list, tuple)) else value
+    if tp is dict or origin is dict:
+        return isinstance(value, dict), value
+    return True, value
+
+
+def build_dataclass(cls, values: dict | None, where: str):
+    """Instantiate dataclass ``cls`` from ``values``, rejecting unknown keys and wrong types with their path."""
+    values = dict(values or {})
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section '{where}' must be a mapping")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else key
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(sorted(known))})"
+            raise ConfigError(f"unknown config key '{path}'{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = build_dataclass(tp, value, path)
+            continue
+        ok, coerced = _type_ok(value, tp)
+        if not ok:
+            raise ConfigError(f"config key '{path}' must be {getattr(tp, '__name__', tp)}, got {value!r}")
+        kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got '{text}'")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item}: '{k}' is not a section")
+        node[keys[-1]] = value
+    return raw
+
+
+SECTIONS = {"name", "method", "data", "model", "train", "infer"}
+
+
+def config_from_dict(raw: dict) -> Config:
+    raw = dict(raw or {})
+    method = raw.get("method", "supervised")
+    if not isinstance(method, str):
+        raise ConfigError("config key 'method' must be a string")
+    from .methods import available_methods
+
+    if method not in available_methods():
+        raise ConfigError(f"config key 'method': unknown method '{method}' (available: {', '.join(available_methods())})")
+    params = raw.pop(method, None) or {}
+    extra = set(raw) - SECTIONS
+    if extra:
+        k = sorted(extra)[0]
+        close = difflib.get_close_matches(k, SECTIONS | set(available_methods()), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"unknown config key '{k}'{hint}")
+    cfg = build_dataclass(Config, raw, "")
+    cfg.method_params = params
+    from .methods import get_method_class
+
+    get_method_class(method).params_from(params)  # validates the method section now, not mid-run
+    if cfg.model.name in ("vnet", "unet3d") and len(cfg.train.patch_size) != 3:
+        raise ConfigError(f"config key 'train.patch_size' must have 3 values for model '{cfg.model.name}'")
+    if cfg.model.name in ("unet2d", "unetpp2d") and len(cfg.train.patch_size) != 2:
+        raise ConfigError(f"config key 'train.patch_size' must have 2 values for model '{cfg.model.name}'")
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    raw = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a config must be a mapping of sections")
+    return config_from_dict(apply_overrides(raw, overrides or []))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    from .utils import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
