@@ -1,0 +1,121 @@
+"""Patch sampling with light augmentation, drawn from cases held in memory.
+
+Sampling uses its own numpy Generator, so a run is reproducible from its seed and resumable from the generator
+state saved in the checkpoint. Each distributed rank seeds its own generator (seed + rank).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .cases import LoadedCase
+
+
+def _rotation_plane(patch: tuple[int, ...]) -> tuple[int, int] | None:
+    """First pair of spatial axes with equal patch size (in-plane for LA (x, y) and ACDC (row, col))."""
+    nd = len(patch)
+    for a, b in ((0, 1), (1, 2), (0, 2)):
+        if b < nd and patch[a] == patch[b]:
+            return a, b
+    return None
+
+
+def pad_to(arr: np.ndarray, shape: tuple[int, ...], value: float = 0.0) -> np.ndarray:
+    """Pad the trailing len(shape) axes of ``arr`` symmetrically so that each is at least ``shape``."""
+    lead = arr.ndim - len(shape)
+    pads = [(0, 0)] * lead
+    for s, p in zip(arr.shape[lead:], shape):
+        extra = max(p - s, 0)
+        pads.append((extra // 2, extra - extra // 2))
+    if any(p != (0, 0) for p in pads):
+        arr = np.pad(arr, pads, mode="constant", constant_values=value)
+    return arr
+
+
+@dataclass
+class Batch:
+    image: torch.Tensor  # (B, C, *patch) float
+    label: torch.Tensor | None  # (B, *patch) long
+    case_ids: list[str]
+
+    def to(self, device) -> "Batch":
+        return Batch(self.image.to(device, non_blocking=True),
+                     None if self.label is None else self.label.to(device, non_blocking=True), self.case_ids)
+
+
+class PatchSampler:
+    """Draws random patches (with labels when the cases have them) from a list of loaded cases."""
+
+    def __init__(self, cases: list[LoadedCase], patch_size, batch_size: int, seed: int, augment: bool = True,
+                 foreground_prob: float = 0.0, labels: dict[str, np.ndarray] | None = None):
+        if not cases:
+            raise ValueError("PatchSampler needs at least one case")
+        self.cases = cases
+        self.patch = tuple(int(p) for p in patch_size)
+        self.batch_size = batch_size
+        self.augment = augment
+        self.foreground_prob = foreground_prob
+        self.labels = labels  # overrides case.label (e.g. pseudo-labels)
+        self.rng = np.random.default_rng(seed)
+        self._fg_index: dict[str, np.ndarray] = {}
+
+    def label_of(self, case: LoadedCase) -> np.ndarray | None:
+        if self.labels is not None:
+            return self.labels.get(case.id)
+        return case.label
+
+    def _foreground_voxels(self, case: LoadedCase, label: np.ndarray) -> np.ndarray:
+        if case.id not in self._fg_index:
+            fg = np.argwhere(label > 0)
+            if len(fg) > 20000:  # a subsample is enough to pick centres
+                fg = fg[np.random.default_rng(0).choice(len(fg), 20000, replace=False)]
+            self._fg_index[case.id] = fg
+        return self._fg_index[case.id]
+
+    def sample_one(self, case: LoadedCase):
+        image = pad_to(case.image, self.patch, value=float(case.image.min()))
+        label = self.label_of(case)
+        if label is not None:
+            label = pad_to(label, self.patch)
+        shape = image.shape[1:]
+        starts = [int(self.rng.integers(0, s - p + 1)) for s, p in zip(shape, self.patch)]
+        if label is not None and self.rng.random() < self.foreground_prob:
+            fg = self._foreground_voxels(case, label)
+            if len(fg):
+                centre = fg[self.rng.integers(len(fg))]
+                starts = [int(np.clip(c - p // 2, 0, s - p)) for c, p, s in zip(centre, self.patch, shape)]
+        sl = tuple(slice(st, st + p) for st, p in zip(starts, self.patch))
+        img = image[(slice(None),) + sl]
+        lab = label[sl] if label is not None else None
+        if self.augment:
+            img, lab = self._augment(img, lab)
+        return np.ascontiguousarray(img), None if lab is None else np.ascontiguousarray(lab)
+
+    def _augment(self, img, lab):
+        plane = _rotation_plane(self.patch)
+        if plane is not None:
+            k = int(self.rng.integers(4))
+            img = np.rot90(img, k, axes=(plane[0] + 1, plane[1] + 1))
+            lab = None if lab is None else np.rot90(lab, k, axes=plane)
+        for axis in range(len(self.patch)):
+            if self.rng.random() < 0.5:
+                img = np.flip(img, axis=axis + 1)
+                lab = None if lab is None else np.flip(lab, axis=axis)
+        return img, lab
+
+    def next_batch(self) -> Batch:
+        idx = self.rng.integers(0, len(self.cases), size=self.batch_size)
+        pairs = [self.sample_one(self.cases[i]) for i in idx]
+        images = torch.from_numpy(np.stack([p[0] for p in pairs]))
+        labels = None
+        if all(p[1] is not None for p in pairs):
+            labels = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.int64))
+        return Batch(images, labels, [self.cases[i].id for i in idx])
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]

@@ -1,0 +1,118 @@
+"""Sliding-window inference, post-processing and the predictor of a trained run directory."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from .data.cases import normalise, to_channels_first
+from .io import Image
+
+
+@torch.inference_mode()
+def sliding_window_probs(net: Callable[[torch.Tensor], torch.Tensor], image: np.ndarray, patch_size, overlap: float,
+                         device, batch_size: int = 4, amp: bool = False, multiple: int = 16) -> np.ndarray:
+    """Class probabilities (K, *spatial) of a channels-first image by Gaussian-weighted sliding windows.
+
+    The image is padded to at least the patch size (and to a multiple of ``multiple`` where it is smaller than the
+    patch) and the padding is cut off again, so the output is on the input grid.
+    """
+    from monai.inferers import sliding_window_inference
+
+    spatial = image.shape[1:]
+    roi = [min(int(p), int(np.ceil(s / multiple) * multiple)) for p, s in zip(patch_size, spatial)]
+    target = [max(s, r) for s, r in zip(spatial, roi)]
+    pads = [(0, 0)] + [((t - s) // 2, (t - s) - (t - s) // 2) for s, t in zip(spatial, target)]
+    padded = np.pad(image, pads, mode="edge") if any(p != (0, 0) for p in pads) else image
+    x = torch.from_numpy(np.ascontiguousarray(padded))[None].to(device)
+
+    def predictor(patch: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=device.type, enabled=amp and device.type == "cuda"):
+            return torch.softmax(net(patch).float(), dim=1)
+
+    probs = sliding_window_inference(x, roi, batch_size, predictor, overlap=overlap, mode="gaussian")[0]
+    crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(pads[1:], spatial))
+    return probs[(slice(None),) + crop].float().cpu().numpy()
+
+
+def largest_component(labels: np.ndarray) -> np.ndarray:
+    """Keep, for each foreground label, only its largest connected component."""
+    out = np.zeros_like(labels)
+    for k in np.unique(labels):
+        if k == 0:
+            continue
+        comp, n = ndimage.label(labels == k)
+        if n:
+            sizes = ndimage.sum_labels(np.ones_like(comp), comp, index=range(1, n + 1))
+            out[comp == (int(np.argmax(sizes)) + 1)] = k
+    return out
+
+
+class Predictor:
+    """Runs a trained network on whole images: normalisation, sliding window, probabilities on the image's grid."""
+
+    def __init__(self, net: Callable[[torch.Tensor], torch.Tensor], config, device, run_dir: str | None = None,
+                 checkpoint: str | None = None):
+        self.net = net
+        self.config = config
+        self.device = device
+        self.run_dir = run_dir
+        self.checkpoint = checkpoint
+
+    @property
+    def patch_size(self):
+        return self.config.infer.patch_size or self.config.train.patch_size
+
+    def prepare(self, image: Image) -> np.ndarray:
+        arr = to_channels_first(image)
+        if arr.shape[0] != self.config.model.in_channels:
+            raise ValueError(f"{image.path}: {arr.shape[0]} channel(s), the model expects "
+                             f"{self.config.model.in_channels}")
+        if arr.ndim - 1 != len(self.patch_size):
+            raise ValueError(f"{image.path}: a {arr.ndim - 1}D image, the model works on {len(self.patch_size)}D")
+        return normalise(arr, self.config.data.intensity).astype(np.float32)
+
+    def predict_array(self, arr: np.ndarray) -> np.ndarray:
+        """Probabilities (K, *spatial) for an already normalised channels-first array."""
+        return sliding_window_probs(self.net, arr, self.patch_size, self.config.infer.overlap, self.device,
+                                    self.config.infer.batch_size, amp=self.config.train.amp)
+
+    def predict(self, image: Image) -> np.ndarray:
+        return self.predict_array(self.prepare(image))
+
+    def segment(self, image: Image) -> Image:
+        """Label map on the image's grid (argmax, optional largest-component clean-up)."""
+        labels = self.predict(image).argmax(0).astype(np.uint8)
+        if self.config.infer.largest_component:
+            labels = largest_component(labels)
+        return image.with_array(labels, path=None)
+
+
+def find_checkpoint(run_dir: str | Path, which: str = "best") -> Path:
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    for name in ([f"{which}.pt"] + (["last.pt"] if which == "best" else [])):
+        if (ckpt_dir / name).exists():
+            return ckpt_dir / name
+    raise FileNotFoundError(f"{run_dir}: no checkpoint ({which}.pt or last.pt) under {ckpt_dir}; was it trained?")
+
+
+def load_predictor(run_dir: str | Path, which: str = "best", device: str = "auto") -> Predictor:
+    """The predictor of a run directory (``config.yaml`` + ``checkpoints/best.pt``, falling back to ``last.pt``)."""
+    from .config import load_config
+    from .methods import build_method
+    from .utils import pick_device
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    dev = pick_device(device)
+    ckpt = find_checkpoint(run_dir, which)
+    state = torch.load(ckpt, map_location=dev, weights_only=False)
+    method = build_method(cfg, dev)
+    method.load_state_dict(state["method"])
+    method.eval()
+    return Predictor(method.predict_logits, cfg, dev, run_dir=str(run_dir), checkpoint=str(ckpt))

@@ -1,0 +1,57 @@
+"""The method interface. A method owns its networks (it is an ``nn.Module``), computes its losses from one labelled
+and one unlabelled batch, and predicts logits for whole-image inference. The trainer knows nothing else about it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..config import Config, build_dataclass
+from ..data.sampling import Batch
+from ..models import build_model
+
+
+@dataclass
+class NoParams:
+    pass
+
+
+class Method(nn.Module):
+    name: str = ""
+    needs_unlabelled: bool = False
+    Params = NoParams
+
+    def __init__(self, cfg: Config, device: torch.device):
+        super().__init__()
+        self.cfg = cfg
+        self.device = device
+        self.params = self.params_from(cfg.method_params)
+
+    @classmethod
+    def params_from(cls, raw: dict | None):
+        """The method's own config section as a validated dataclass (errors name the key)."""
+        return build_dataclass(cls.Params, raw or {}, cls.name)
+
+    def build_network(self, **overrides) -> nn.Module:
+        m = self.cfg.model
+        kwargs = dict(name=m.name, in_channels=m.in_channels, num_classes=self.cfg.data.num_classes,
+                      features=m.features, dropout=m.dropout)
+        kwargs.update(overrides)
+        return build_model(**kwargs)
+
+    def forward(self, labelled: Batch, unlabelled: Batch | None, step: int) -> dict[str, torch.Tensor]:
+        """One training step's losses; must contain ``loss``. (``forward`` so that DistributedDataParallel wraps it.)"""
+        return self.training_step(labelled, unlabelled, step)
+
+    def training_step(self, labelled: Batch, unlabelled: Batch | None, step: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def on_step(self, trainer, step: int) -> None:
+        """Called by the trainer before each step (e.g. to re-mine pseudo-labels). Default: nothing."""
+
+    def parameter_groups(self) -> list[dict]:
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]

@@ -1,0 +1,50 @@
+"""Networks by name. Every network maps (B, C, *spatial) to class logits (B, K, *spatial).
+
+- ``vnet``: a V-Net (the UA-MT / SSL4MIS semi-supervised baseline) with ``encode``/``decode`` so methods can work
+  on the bottleneck (text fusion, task-prompted heads).
+- ``unet3d`` / ``unet2d``: MONAI's BasicUNet. ``unetpp2d``: MONAI's BasicUNetPlusPlus (U-Net++).
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .vnet import VNet
+
+
+def _widths(base: int) -> tuple[int, ...]:
+    return (base, base, 2 * base, 4 * base, 8 * base, base)
+
+
+def build_model(name: str, in_channels: int, num_classes: int, features: int = 16, dropout: float = 0.0,
+                norm: str = "batch") -> nn.Module:
+    from monai.networks.nets import BasicUNet, BasicUNetPlusPlus
+
+    if name == "vnet":
+        return VNet(in_channels, num_classes, base=features, dropout=dropout, norm=norm)
+    if name in ("unet3d", "unet2d"):
+        return BasicUNet(spatial_dims=3 if name == "unet3d" else 2, in_channels=in_channels, out_channels=num_classes,
+                         features=_widths(features), dropout=dropout)
+    if name == "unetpp2d":
+        return _UNetPlusPlus(BasicUNetPlusPlus(spatial_dims=2, in_channels=in_channels, out_channels=num_classes,
+                                               features=_widths(features), dropout=dropout))
+    raise ValueError(f"unknown model '{name}' (vnet, unet3d, unet2d, unetpp2d)")
+
+
+class _UNetPlusPlus(nn.Module):
+    """MONAI's U-Net++ returns a list of outputs (for deep supervision); we use the final one."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)[0]
+
+
+def spatial_dims_of(name: str) -> int:
+    return 2 if name.endswith("2d") else 3
+
+
+def size_multiple(name: str) -> int:
+    """Patch sides must be multiples of this (four or five stride-2 stages)."""
+    return 16

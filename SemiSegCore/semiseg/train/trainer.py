@@ -1,0 +1,262 @@
+"""The training loop: iterations over labelled (and unlabelled) patch batches, validation by sliding-window Dice,
+atomic checkpoints, resume, a JSONL log, a tqdm bar, graceful stop on SIGINT/SIGTERM, and torchrun support.
+
+The run directory holds ``config.yaml``, ``manifest.json`` (the split, reused on resume), ``log.jsonl``,
+``checkpoints/last.pt`` and ``best.pt``, and after training ``metrics.csv``, ``summary.json`` and a plot of the
+validation cases.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..config import Config, save_config
+from ..data.cases import LoadedCase, Manifest, dataset_labels, discover_cases, load_case, make_manifest
+from ..data.sampling import PatchSampler
+from ..infer import Predictor, largest_component
+from ..methods import build_method
+from ..metrics import dice_score
+from ..utils import atomic_torch_save, atomic_write_text, device_name, pick_device, seed_everything
+from . import distributed as dist
+
+
+class JsonlLog:
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path = path
+        self.enabled = enabled
+
+    def write(self, **record) -> None:
+        if not self.enabled:
+            return
+        record.setdefault("time", time.time())
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def load_cases(cases, cfg: Config, with_label: bool, desc: str, quiet: bool = False) -> list[LoadedCase]:
+    return [load_case(c, cfg.data.intensity, cfg.data.num_classes, with_label=with_label)
+            for c in tqdm(cases, desc=f"loading {desc}", leave=False, disable=quiet or not cases)]
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: str | Path, quiet: bool = False):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.ctx = dist.setup()
+        self.is_main = self.ctx.rank == 0
+        self.quiet = quiet or not self.is_main
+        self.device = self.ctx.device or pick_device(cfg.train.device)
+        self.amp = cfg.train.amp and self.device.type == "cuda"
+        self.stop_requested = False
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        if self.is_main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self.log = JsonlLog(self.run_dir / "log.jsonl", enabled=self.is_main)
+        seed_everything(cfg.train.seed + self.ctx.rank)
+        self.manifest = self._manifest()
+        self.labelled = load_cases(self.manifest.labelled, cfg, True, "labelled", self.quiet)
+        self.val = load_cases(self.manifest.val[: cfg.train.val_max_cases], cfg, True, "validation", self.quiet)
+        self.method = build_method(cfg, self.device)
+        self.unlabelled = (load_cases(self.manifest.unlabelled, cfg, False, "unlabelled", self.quiet)
+                           if self.method.needs_unlabelled else [])
+        if not self.labelled:
+            raise ValueError(f"{cfg.data.root}: no labelled training cases ({self.manifest.summary()})")
+        if self.method.needs_unlabelled and not self.unlabelled:
+            raise ValueError(f"method '{cfg.method}' needs unlabelled cases but the split has none "
+                             f"({self.manifest.summary()})")
+        t = cfg.train
+        seed = t.seed * 1000 + self.ctx.rank
+        self.labelled_sampler = PatchSampler(self.labelled, t.patch_size, t.batch_size, seed, t.augment,
+                                             t.foreground_crop)
+        self.unlabelled_sampler = (PatchSampler(self.unlabelled, t.patch_size, t.unlabelled_batch_size, seed + 500,
+                                                t.augment) if self.unlabelled else None)
+        self.model = dist.wrap(self.method, self.ctx)
+        self.optimizer = self._optimizer()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.step = 0
+        self.best_dice = -1.0
+
+    # -- set-up -------------------------------------------------------------------------------------------------
+    def _manifest(self) -> Manifest:
+        path = self.run_dir / "manifest.json"
+        if path.exists():  # resume: keep the split of the first start
+            return Manifest.from_json(path.read_text())
+        d = self.cfg.data
+        cases = discover_cases(d.root, d.layout)
+        manifest = make_manifest(cases, d.labelled, d.val, d.test, d.unlabelled, d.seed, d.max_cases)
+        if self.is_main:
+            atomic_write_text(path, manifest.to_json())
+            save_config(self.cfg, self.run_dir / "config.yaml")
+        return manifest
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        t = self.cfg.train
+        groups = self.method.parameter_groups()
+        if t.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
+        if t.optimizer == "adam":
+            return torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay)
+        if t.optimizer == "adamw":
+            return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+        raise ValueError(f"config key 'train.optimizer': unknown optimizer '{t.optimizer}' (sgd, adam, adamw)")
+
+    def lr_at(self, step: int) -> float:
+        t = self.cfg.train
+        frac = step / max(t.iterations, 1)
+        if t.schedule == "poly":
+            return t.lr * (1 - frac) ** 0.9
+        if t.schedule == "cosine":
+            return t.lr * 0.5 * (1 + math.cos(math.pi * frac))
+        return t.lr
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "step": self.step, "best_dice": self.best_dice,
+                "labelled_sampler": self.labelled_sampler.state_dict(),
+                "unlabelled_sampler": self.unlabelled_sampler.state_dict() if self.unlabelled_sampler else None,
+                "torch_rng": torch.get_rng_state(), "config": self.cfg.to_dict()}
+
+    def save(self, name: str) -> None:
+        if self.is_main:
+            atomic_torch_save(self.state(), self.ckpt_dir / name)
+
+    def try_resume(self) -> bool:
+        path = self.ckpt_dir / "last.pt"
+        if not path.exists():
+            return False
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.best_dice = float(state["best_dice"])
+        self.labelled_sampler.load_state_dict(state["labelled_sampler"])
+        if self.unlabelled_sampler and state.get("unlabelled_sampler"):
+            self.unlabelled_sampler.load_state_dict(state["unlabelled_sampler"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        self.log.write(event="resumed", step=self.step)
+        return True
+
+    # -- validation -----------------------------------------------------------------------------------------------
+    def predictor(self) -> Predictor:
+        return Predictor(self.method.predict_logits, self.cfg, self.device)
+
+    def validate(self) -> dict:
+        """Mean foreground Dice over the validation cases (per label and overall)."""
+        self.method.eval()
+        pred = self.predictor()
+        per_label: dict[int, list[float]] = {k: [] for k in range(1, self.cfg.data.num_classes)}
+        for case in self.val:
+            labels = pred.predict_array(case.image).argmax(0)
+            if self.cfg.infer.largest_component:
+                labels = largest_component(labels)
+            for k in per_label:
+                per_label[k].append(dice_score(labels == k, case.label == k))
+        self.method.train()
+        means = {k: float(np.mean(v)) for k, v in per_label.items() if v}
+        return {"dice": float(np.mean(list(means.values()))) if means else float("nan"),
+                "dice_per_label": {str(k): v for k, v in means.items()}}
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+    def _install_signal_handlers(self):
+        def request_stop(signum, frame):
+            self.stop_requested = True
+
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in previous:
+            try:
+                signal.signal(s, request_stop)
+            except ValueError:  # not in the main thread: stop only by self.stop_requested
+                return {}
+        return previous
+
+    def fit(self) -> dict:
+        t = self.cfg.train
+        resumed = self.try_resume()
+        if not resumed:
+            self.log.write(event="start", iterations=t.iterations, device=device_name(self.device),
+                           world_size=self.ctx.world_size, manifest=self.manifest.summary())
+        previous = self._install_signal_handlers()
+        self.method.train()
+        bar = tqdm(total=t.iterations, initial=self.step, desc=f"{self.cfg.name} [{self.cfg.method}]",
+                   disable=self.quiet, dynamic_ncols=True)
+        t0 = time.time()
+        try:
+            while self.step < t.iterations:
+                if dist.any_rank(self.stop_requested, self.ctx):
+                    self.save("last.pt")
+                    self.log.write(event="stopped", step=self.step)
+                    return {"stopped": True, "step": self.step}
+                self.method.on_step(self, self.step)
+                losses = self.train_step()
+                self.step += 1
+                bar.update(1)
+                if self.step % 10 == 0 or self.step == t.iterations:
+                    record = {k: round(float(v), 5) for k, v in losses.items()}
+                    bar.set_postfix(loss=f"{record['loss']:.4f}")
+                    self.log.write(event="train", step=self.step, iterations=t.iterations,
+                                   lr=self.optimizer.param_groups[0]["lr"], elapsed=round(time.time() - t0, 2),
+                                   **record)
+                if self.step % t.val_every == 0 or self.step == t.iterations:
+                    self._validate_and_keep_best()
+                if self.step % t.checkpoint_every == 0 or self.step == t.iterations:
+                    self.save("last.pt")
+        finally:
+            bar.close()
+            for s, h in previous.items():
+                signal.signal(s, h)
+        self.log.write(event="done", step=self.step, best_dice=self.best_dice)
+        return {"stopped": False, "step": self.step, "best_dice": self.best_dice}
+
+    def _validate_and_keep_best(self) -> None:
+        if self.is_main and self.val:
+            result = self.validate()
+            self.log.write(event="val", step=self.step, **result)
+            if result["dice"] > self.best_dice:
+                self.best_dice = result["dice"]
+                self.save("best.pt")
+        elif self.is_main and not self.val:
+            self.save("best.pt")
+        dist.barrier(self.ctx)
+
+    def train_step(self) -> dict:
+        lr = self.lr_at(self.step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        labelled = self.labelled_sampler.next_batch().to(self.device)
+        unlabelled = self.unlabelled_sampler.next_batch().to(self.device) if self.unlabelled_sampler else None
+        with torch.autocast(device_type=self.device.type, enabled=self.amp):
+            losses = self.model(labelled, unlabelled, self.step)
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {self.step}: lower train.lr or check the data")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return {k: v.detach() for k, v in losses.items()}
+
+
+def train(cfg: Config, run_dir: str | Path, quiet: bool = False, evaluate_val: bool = True) -> dict:
+    """Train (or resume) a run and, at the end, evaluate the best checkpoint on the validation split."""
+    trainer = Trainer(cfg, run_dir, quiet=quiet)
+    result = trainer.fit()
+    if not result["stopped"] and evaluate_val and trainer.is_main and trainer.val:
+        from ..report import evaluate_cases
+
+        best = torch.load(trainer.ckpt_dir / "best.pt", map_location=trainer.device, weights_only=False)
+        trainer.method.load_state_dict(best["method"])
+        trainer.method.eval()
+        names = cfg.data.labels or dataset_labels(cfg.data.root)
+        result["summary"] = evaluate_cases(trainer.predictor(), trainer.manifest.val[: cfg.train.val_max_cases],
+                                           trainer.val, trainer.run_dir, label_names=names, quiet=quiet)
+    dist.cleanup(trainer.ctx)
+    return result

@@ -1,0 +1,170 @@
+"""The review queue: pseudo-labelled cases waiting for a person to accept, correct or reject them.
+
+The queue lives in the dataset folder as ``semiseg_review.json``; pseudo-labels are files under
+``pseudo_labels/`` (no dataset layout reads that folder, so they never count as labels by themselves).
+Accepting a case writes its label where ``semiseg.data.discover_cases`` looks for labels (``labelsTr/`` of an
+MSD dataset, the masks folder of an images/masks dataset; ``dataset.json`` is updated when it lists the cases),
+so the next training run sees the case as labelled. A label that is already there is never overwritten: it is
+moved to ``superseded/`` beside it first, so a person's work is always kept.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from semiseg.data import discover_cases
+from semiseg.data.cases import detect_layout
+from semiseg.io import Image, case_id_from_path, write_image
+from semiseg.io.formats import IMAGE_2D_EXTS
+from semiseg.utils import atomic_write_text
+
+QUEUE_FILE = "semiseg_review.json"
+PSEUDO_DIR = "pseudo_labels"
+STATUSES = ("pending", "accepted", "corrected", "rejected")
+
+
+@dataclass
+class ReviewItem:
+    case_id: str
+    image: str
+    pseudo_label: str
+    score: float
+    """SAM's predicted IoU (or the model's confidence): low scores need a person's eye most."""
+    provenance: dict = field(default_factory=dict)
+    status: str = "pending"
+    label: str | None = None
+    """The label file written when the case was accepted or corrected."""
+    updated: str = ""
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def _label_ext(image_path: str) -> str:
+    return ".png" if image_path.lower().endswith(IMAGE_2D_EXTS) else ".nii.gz"
+
+
+class ReviewQueue:
+    def __init__(self, dataset_root: str | Path):
+        self.root = Path(dataset_root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.root}: dataset folder not found")
+        self.path = self.root / QUEUE_FILE
+        self.items: dict[str, ReviewItem] = {}
+        if self.path.exists():
+            try:
+                raw = json.loads(self.path.read_text())
+                self.items = {d["case_id"]: ReviewItem(**d) for d in raw.get("items", [])}
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ValueError(f"{self.path}: not a SemiSeg review queue ({exc})") from exc
+
+    def save(self) -> None:
+        atomic_write_text(self.path, json.dumps({"items": [asdict(i) for i in self.items.values()]}, indent=1))
+
+    def sorted(self, status: str | None = None) -> list[ReviewItem]:
+        """Items by ascending score (least confident first), optionally only those with ``status``."""
+        items = [i for i in self.items.values() if status is None or i.status == status]
+        return sorted(items, key=lambda i: (i.score, i.case_id))
+
+    def get(self, case_id: str) -> ReviewItem:
+        if case_id not in self.items:
+            raise KeyError(f"{self.path}: case '{case_id}' is not in the review queue")
+        return self.items[case_id]
+
+    def add(self, case_id: str, image_path: str, label: Image, score: float, provenance: dict) -> ReviewItem:
+        """Store a pseudo-label as a new file and queue the case (pending). Earlier pseudo-labels stay on disk."""
+        folder = self.root / PSEUDO_DIR
+        ext = _label_ext(image_path)
+        target = folder / f"{case_id}{ext}"
+        n = 2
+        while target.exists():
+            target = folder / f"{case_id}.v{n}{ext}"
+            n += 1
+        write_image(label, target)
+        item = ReviewItem(case_id, str(image_path), str(target), float(score), dict(provenance), "pending", None,
+                          _now())
+        self.items[case_id] = item
+        self.save()
+        return item
+
+    def reject(self, case_id: str) -> ReviewItem:
+        item = self.get(case_id)
+        item.status, item.updated = "rejected", _now()
+        self.save()
+        return item
+
+    def accept(self, case_id: str, label: Image | None = None) -> ReviewItem:
+        """Accept the pseudo-label as it is (``label`` None) or a person's correction of it (``label`` given)."""
+        from semiseg.io import read_label
+
+        item = self.get(case_id)
+        corrected = label is not None
+        if label is None:
+            label = read_label(item.pseudo_label)
+        item.label = str(write_case_label(self.root, case_id, item.image, label))
+        item.status = "corrected" if corrected else "accepted"
+        item.provenance = dict(item.provenance, reviewed=item.status, reviewed_at=_now())
+        item.updated = _now()
+        self.save()
+        return item
+
+
+def labels_folder(root: Path) -> Path:
+    """Where ``discover_cases`` looks for labels of this dataset."""
+    layout = detect_layout(root)
+    if layout == "msd":
+        return root / "labelsTr"
+    if layout == "folders":
+        return next((root / d for d in ("masks", "labels", "labelsTr") if (root / d).is_dir()), root / "masks")
+    raise ValueError(f"{root}: accepted labels can be added to MSD (imagesTr/labelsTr) or images/masks datasets, "
+                     f"not to a '{layout}' dataset")
+
+
+def write_case_label(root: Path, case_id: str, image_path: str, label: Image) -> Path:
+    """Write ``label`` as the training label of ``case_id`` without destroying any label already there."""
+    root = Path(root)
+    known = {c.id: c for c in discover_cases(root)}
+    if case_id not in known:
+        raise KeyError(f"{root}: no case '{case_id}' in the dataset")
+    folder = labels_folder(root)
+    target = folder / f"{case_id}{_label_ext(image_path)}"
+    existing = [p for p in ([Path(known[case_id].label)] if known[case_id].label else []) + [target] if p.exists()]
+    for old in dict.fromkeys(existing):
+        stamp, n = time.strftime("%Y%m%d-%H%M%S"), 1
+        keep = old.parent / "superseded" / f"{stamp}-{old.name}"
+        while keep.exists():  # rename would replace it
+            n += 1
+            keep = old.parent / "superseded" / f"{stamp}.{n}-{old.name}"
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        old.rename(keep)
+    write_image(label, target)
+    _register_in_dataset_json(root, case_id, target)
+    return target
+
+
+def _register_in_dataset_json(root: Path, case_id: str, label_path: Path) -> None:
+    """Point the case's dataset.json entry at its new label (dataset.json, when present, is what lists cases)."""
+    ds = root / "dataset.json"
+    if not ds.exists():
+        return
+    meta = json.loads(ds.read_text())
+    training, tests = meta.setdefault("training", []), meta.get("test", [])
+    if not training and not tests:
+        return  # the cases come from the folders, where the file is already in place
+    rel = "./" + label_path.relative_to(root).as_posix()
+    for entry in training:
+        if case_id_from_path(entry["image"]) == case_id:
+            entry["label"] = rel
+            break
+    else:
+        for entry in list(tests):
+            image = entry if isinstance(entry, str) else entry["image"]
+            if case_id_from_path(image) == case_id:
+                tests.remove(entry)
+                training.append({"image": image, "label": rel})
+                break
+    meta["numTraining"] = len(training)
+    atomic_write_text(ds, json.dumps(meta, indent=4))
