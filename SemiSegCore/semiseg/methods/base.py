@@ -20,6 +20,9 @@ class NoParams:
 class Method(nn.Module):
     name: str = ""
     needs_unlabelled: bool = False
+    """Load the unlabelled cases (``trainer.unlabelled``)."""
+    uses_unlabelled_batches: bool | None = None
+    """Have the trainer draw an unlabelled batch every step (default: same as ``needs_unlabelled``)."""
     Params = NoParams
 
     def __init__(self, cfg: Config, device: torch.device):

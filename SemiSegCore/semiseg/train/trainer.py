@@ -75,8 +75,10 @@ class Trainer:
         seed = t.seed * 1000 + self.ctx.rank
         self.labelled_sampler = PatchSampler(self.labelled, t.patch_size, t.batch_size, seed, t.augment,
                                              t.foreground_crop)
+        wants_batches = self.method.uses_unlabelled_batches
+        wants_batches = self.method.needs_unlabelled if wants_batches is None else wants_batches
         self.unlabelled_sampler = (PatchSampler(self.unlabelled, t.patch_size, t.unlabelled_batch_size, seed + 500,
-                                                t.augment) if self.unlabelled else None)
+                                                t.augment) if self.unlabelled and wants_batches else None)
         self.model = dist.wrap(self.method, self.ctx)
         self.optimizer = self._optimizer()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
