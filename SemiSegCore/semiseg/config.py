@@ -70,6 +70,8 @@ class TrainConfig:
     foreground_crop: float = 0.5
     """Probability that a labelled patch is centred on foreground (helps small structures)."""
     val_max_cases: Optional[int] = None
+    slice_axis: int = -1
+    """With a 2D network on 3D volumes: the axis slices are taken along (training and inference)."""
 
 
 @dataclass

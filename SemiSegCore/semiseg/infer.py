@@ -17,25 +17,30 @@ def sliding_window_probs(net: Callable[[torch.Tensor], torch.Tensor], image: np.
                          device, batch_size: int = 4, amp: bool = False, multiple: int = 16) -> np.ndarray:
     """Class probabilities (K, *spatial) of a channels-first image by Gaussian-weighted sliding windows.
 
-    The image is padded to at least the patch size (and to a multiple of ``multiple`` where it is smaller than the
-    patch) and the padding is cut off again, so the output is on the input grid.
+    ``image`` may also be a stack (N, C, *spatial) of same-sized images (e.g. the slices of a volume), giving
+    (N, K, *spatial). The image is padded to at least the patch size (and to a multiple of ``multiple`` where it is
+    smaller than the patch) and the padding is cut off again, so the output is on the input grid.
     """
     from monai.inferers import sliding_window_inference
 
-    spatial = image.shape[1:]
+    stacked = image.ndim == len(patch_size) + 2
+    batch = image if stacked else image[None]
+    spatial = batch.shape[2:]
     roi = [min(int(p), int(np.ceil(s / multiple) * multiple)) for p, s in zip(patch_size, spatial)]
     target = [max(s, r) for s, r in zip(spatial, roi)]
-    pads = [(0, 0)] + [((t - s) // 2, (t - s) - (t - s) // 2) for s, t in zip(spatial, target)]
-    padded = np.pad(image, pads, mode="edge") if any(p != (0, 0) for p in pads) else image
-    x = torch.from_numpy(np.ascontiguousarray(padded))[None].to(device)
+    pads = [(0, 0), (0, 0)] + [((t - s) // 2, (t - s) - (t - s) // 2) for s, t in zip(spatial, target)]
+    if any(p != (0, 0) for p in pads):
+        batch = np.pad(batch, pads, mode="edge")
+    x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
 
     def predictor(patch: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=device.type, enabled=amp and device.type == "cuda"):
             return torch.softmax(net(patch).float(), dim=1)
 
-    probs = sliding_window_inference(x, roi, batch_size, predictor, overlap=overlap, mode="gaussian")[0]
-    crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(pads[1:], spatial))
-    return probs[(slice(None),) + crop].float().cpu().numpy()
+    probs = sliding_window_inference(x, roi, batch_size, predictor, overlap=overlap, mode="gaussian")
+    crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(pads[2:], spatial))
+    out = probs[(slice(None), slice(None)) + crop].float().cpu().numpy()
+    return out if stacked else out[0]
 
 
 def largest_component(labels: np.ndarray) -> np.ndarray:
@@ -71,12 +76,20 @@ class Predictor:
         if arr.shape[0] != self.config.model.in_channels:
             raise ValueError(f"{image.path}: {arr.shape[0]} channel(s), the model expects "
                              f"{self.config.model.in_channels}")
-        if arr.ndim - 1 != len(self.patch_size):
+        if arr.ndim - 1 not in (len(self.patch_size), len(self.patch_size) + 1):
             raise ValueError(f"{image.path}: a {arr.ndim - 1}D image, the model works on {len(self.patch_size)}D")
         return normalise(arr, self.config.data.intensity).astype(np.float32)
 
     def predict_array(self, arr: np.ndarray) -> np.ndarray:
-        """Probabilities (K, *spatial) for an already normalised channels-first array."""
+        """Probabilities (K, *spatial) for an already normalised channels-first array. A 3D volume given to a 2D
+        network is predicted slice by slice along ``train.slice_axis``."""
+        if arr.ndim - 1 == len(self.patch_size) + 1:
+            axis = self.config.train.slice_axis % (arr.ndim - 1) + 1
+            stack = np.moveaxis(arr, axis, 0)  # (N, C, *2D)
+            chunks = [sliding_window_probs(self.net, stack[i:i + 32], self.patch_size, self.config.infer.overlap,
+                                           self.device, 32, amp=self.config.train.amp)
+                      for i in range(0, len(stack), 32)]
+            return np.moveaxis(np.concatenate(chunks), 0, axis)
         return sliding_window_probs(self.net, arr, self.patch_size, self.config.infer.overlap, self.device,
                                     self.config.infer.batch_size, amp=self.config.train.amp)
 

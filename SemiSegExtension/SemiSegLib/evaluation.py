@@ -6,6 +6,8 @@ import math
 import numpy as np
 import vtk
 
+import slicer
+
 from semiseg.metrics import binary_metrics
 
 from . import nodes
@@ -52,6 +54,23 @@ def evaluate_labels(case_id: str, prediction: np.ndarray, reference: np.ndarray,
         name = (names or {}).get(k, f"label {k}")
         rows.append({"case": case_id, "segment": name, "reference": name,
                      **binary_metrics(prediction == k, reference == k, spacing)})
+    return rows
+
+
+def evaluate_run_on_dataset(dataset_root: str, run_dir: str, max_cases: int | None = None) -> list[dict]:
+    """Run a trained model on every labelled case of a dataset folder and score it against the case's label."""
+    from semiseg.data import dataset_labels, discover_cases
+    from semiseg.infer import load_predictor
+    from semiseg.io import read_image, read_label
+
+    predictor = load_predictor(run_dir)
+    names = dataset_labels(dataset_root)
+    rows = []
+    for case in [c for c in discover_cases(dataset_root) if c.label][:max_cases]:
+        image = read_image(case.image)
+        reference = read_label(case.label)
+        prediction = predictor.predict(image).argmax(axis=0)
+        rows += evaluate_labels(case.id, prediction, reference.array, image.spacing, names)
     return rows
 
 
@@ -106,7 +125,7 @@ def dice_plot(scene, table_node, name: str = "SemiSeg Dice"):
     if series is None or not series.IsA("vtkMRMLPlotSeriesNode"):
         series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", name + " series")
     series.SetAndObserveTableNodeID(table_node.GetID())
-    series.SetPlotType(slicer_plot_type_bar())
+    series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeBar)
     series.SetLabelColumnName("case")
     series.SetYColumnName("dice")
     if not chart.HasPlotSeriesNodeID(series.GetID()):
@@ -118,8 +137,3 @@ def dice_plot(scene, table_node, name: str = "SemiSeg Dice"):
     chart.SetYAxisRange(0.0, 1.0)
     return chart
 
-
-def slicer_plot_type_bar() -> int:
-    import slicer
-
-    return slicer.vtkMRMLPlotSeriesNode.PlotTypeBar

@@ -113,7 +113,7 @@ def load_volume(scene, path: str, name: str | None = None):
     return node
 
 
-def _oriented_mask(mask_ijk: np.ndarray, affine: np.ndarray) -> "slicer.vtkOrientedImageData":
+def oriented_mask(mask_ijk: np.ndarray, affine: np.ndarray) -> "slicer.vtkOrientedImageData":
     oriented = slicer.vtkOrientedImageData()
     mask = np.ascontiguousarray(np.swapaxes(np.asarray(mask_ijk, dtype=np.uint8), 0, 2))
     oriented.SetDimensions(*mask_ijk.shape)
@@ -152,7 +152,7 @@ def add_segment(segmentation_node, mask_ijk: np.ndarray, reference_volume, name:
     if tuple(mask_ijk.shape) != img_shape:
         raise NodeError(f"{segmentation_node.GetName()}: mask shape {tuple(mask_ijk.shape)} does not match "
                         f"{reference_volume.GetName()} shape {img_shape}")
-    oriented = _oriented_mask(mask_ijk, ijk_to_ras(reference_volume))
+    oriented = oriented_mask(mask_ijk, ijk_to_ras(reference_volume))
     if segmentation_node.GetSegmentation().GetNumberOfSegments() == 0:
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
     name = unique_segment_name(segmentation_node, name)

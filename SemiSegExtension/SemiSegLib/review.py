@@ -168,3 +168,59 @@ def _register_in_dataset_json(root: Path, case_id: str, label_path: Path) -> Non
                 break
     meta["numTraining"] = len(training)
     atomic_write_text(ds, json.dumps(meta, indent=4))
+
+
+# ---- the same operations on scene nodes (what the Review panel calls) -------------------------------------------
+
+def _case_of(volume_node) -> tuple[str, str]:
+    case_id, path = volume_node.GetAttribute("SemiSeg.CaseId"), volume_node.GetAttribute("SemiSeg.Path")
+    if not case_id or not path:
+        raise ValueError(f"{volume_node.GetName()}: not a dataset case; load it from the Data section first")
+    return case_id, path
+
+
+def _label_image(mask_or_labels, volume_node, image_path: str) -> Image:
+    """A label map on the volume's grid, 2D again for a picture loaded as a single-slice volume."""
+    import numpy as np
+
+    from . import nodes
+
+    grid = nodes.image_from_volume(volume_node)
+    arr = np.asarray(mask_or_labels).astype(np.uint8)
+    if image_path.lower().endswith(IMAGE_2D_EXTS):
+        return Image(arr[:, :, 0], grid.spacing[:2], grid.origin[:2], grid.direction[:2, :2])
+    return Image(arr, grid.spacing, grid.origin, grid.direction)
+
+
+def queue_segment(queue: ReviewQueue, volume_node, segmentation_node, segment_id: str | None = None
+                  ) -> ReviewItem:
+    """Queue one segment (default: the last one added) as the pseudo-label of the loaded case."""
+    from . import nodes
+
+    case_id, image_path = _case_of(volume_node)
+    ids = nodes.segment_ids(segmentation_node)
+    if not ids:
+        raise ValueError(f"{segmentation_node.GetName()}: has no segment to queue")
+    segment_id = segment_id or ids[-1]
+    tags = nodes.segment_tags(segmentation_node, segment_id)
+    provenance = json.loads(tags.get(nodes.TAG_PROVENANCE, "{}"))
+    provenance.setdefault("source", tags.get(nodes.TAG_SOURCE, "unknown"))
+    score = float(tags.get(nodes.TAG_SCORE, "nan"))
+    mask = nodes.segment_mask(segmentation_node, segment_id, volume_node)
+    return queue.add(case_id, image_path, _label_image(mask, volume_node, image_path), score, provenance)
+
+
+def accept_segmentation(queue: ReviewQueue, case_id: str, segmentation_node, volume_node) -> ReviewItem:
+    """Accept what the segmentation now holds: unchanged -> "accepted", edited by a person -> "corrected"."""
+    import numpy as np
+
+    from semiseg.io import read_label
+
+    from . import nodes
+
+    item = queue.get(case_id)
+    labels = nodes.label_from_segmentation(segmentation_node, volume_node).array
+    label = _label_image(labels, volume_node, item.image)
+    if np.array_equal(label.array, read_label(item.pseudo_label).array):
+        return queue.accept(case_id)
+    return queue.accept(case_id, label)

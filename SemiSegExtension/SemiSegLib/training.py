@@ -84,6 +84,7 @@ class TrainingProcess:
         self.process: subprocess.Popen | None = None
         self._offset = 0
         self._partial = b""
+        self._ended: str | None = None  # "done" or "stopped" once the log says so
         self.progress = Progress()
 
     @property
@@ -106,8 +107,8 @@ class TrainingProcess:
         if not self.config.exists():
             raise FileNotFoundError(f"{self.config}: training config not found")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        for event in self._new_events():  # an earlier session's log: its "stopped" must not end this one
-            self._apply(event)
+        self._read_log()  # an earlier session's log: its "stopped" must not end this one
+        self._ended = None
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (core_path(), env.get("PYTHONPATH", "")) if p)
         env["PYTHONUNBUFFERED"] = "1"
@@ -131,21 +132,28 @@ class TrainingProcess:
         return self.poll()
 
     def poll(self) -> Progress:
-        """Read new log lines (never blocks) and update :attr:`progress`."""
+        """Read new log lines (never blocks) and update :attr:`progress`. The state leaves "running" only when the
+        process has exited, so that a new :meth:`start` never finds the previous process still saving."""
+        self._read_log()
+        p = self.progress
+        if self.process is None:
+            p.state = self._ended or p.state
+            return p
+        code = self.process.poll()
+        if code is not None and p.state == "running":
+            self._read_log()  # lines written just before exit
+            p.returncode = code
+            if code == 0:
+                p.state = self._ended or "done"
+            else:
+                p.state = "failed"
+                p.message = f"training exited with code {code}; see {self.run_dir / 'process.log'}: " \
+                            f"{self.last_output()}"
+        return p
+
+    def _read_log(self) -> None:
         for event in self._new_events():
             self._apply(event)
-        if self.process is not None and self.progress.state == "running":
-            code = self.process.poll()
-            if code is not None:
-                for event in self._new_events():  # lines written just before exit
-                    self._apply(event)
-                self.progress.returncode = code
-                if self.progress.state == "running":
-                    self.progress.state = "done" if code == 0 else "failed"
-                    if code != 0:
-                        self.progress.message = (f"training exited with code {code}; see "
-                                                 f"{self.run_dir / 'process.log'}: {self.last_output()}")
-        return self.progress
 
     def last_output(self, lines: int = 5) -> str:
         log = self.run_dir / "process.log"
@@ -184,7 +192,5 @@ class TrainingProcess:
         elif kind == "val" and "dice" in event:
             p.dice = float(event["dice"])
             p.dices.append((p.step, p.dice))
-        elif kind == "done":
-            p.state = "done"
-        elif kind == "stopped":
-            p.state = "stopped"
+        elif kind in ("done", "stopped"):
+            self._ended = kind

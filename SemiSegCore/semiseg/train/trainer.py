@@ -74,11 +74,11 @@ class Trainer:
         t = cfg.train
         seed = t.seed * 1000 + self.ctx.rank
         self.labelled_sampler = PatchSampler(self.labelled, t.patch_size, t.batch_size, seed, t.augment,
-                                             t.foreground_crop)
+                                             t.foreground_crop, slice_axis=t.slice_axis)
         wants_batches = self.method.uses_unlabelled_batches
         wants_batches = self.method.needs_unlabelled if wants_batches is None else wants_batches
         self.unlabelled_sampler = (PatchSampler(self.unlabelled, t.patch_size, t.unlabelled_batch_size, seed + 500,
-                                                t.augment) if self.unlabelled and wants_batches else None)
+                                                t.augment, slice_axis=t.slice_axis) if self.unlabelled and wants_batches else None)
         self.model = dist.wrap(self.method, self.ctx)
         self.optimizer = self._optimizer()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)

@@ -1,0 +1,131 @@
+"""``semiseg pseudolabel``: SAM pseudo-labels for a folder of images, a volume or an MSD dataset.
+
+Prompts come from masks (``--prompt-from-masks DIR``, matched to images by case id) or from a trained run's
+predictions (``--prompt-from-run RUN_DIR``). Each case is written as ``<out>/<case>.nii.gz`` (3D) or
+``<out>/<case>.png`` (2D) with its provenance in ``<out>/<case>.json``; cases whose mask already exists are skipped,
+so an interrupted run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .backends import BACKENDS, SAM_CHECKPOINTS
+
+
+def add_pseudolabel_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``pseudolabel`` on an argparse subparsers object; its ``func`` runs it and returns an exit code."""
+    p = subparsers.add_parser("pseudolabel", help="SAM pseudo-labels from mask or model prompts",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="image folder, NIfTI/NRRD volume or image file, or MSD dataset")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt-from-masks", metavar="DIR", help="folder of masks named like the images (case id)")
+    src.add_argument("--prompt-from-run", metavar="RUN_DIR", help="a training run whose predictions give prompts")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--backend", default="litemedsam", choices=BACKENDS)
+    p.add_argument("--model-type", default="vit_b", choices=sorted(SAM_CHECKPOINTS),
+                   help="segment-anything model (sam backend)")
+    p.add_argument("--checkpoint", help="weights file (litemedsam, sam) or model folder (hf)")
+    p.add_argument("--axis", type=int, default=2, help="slicing axis of 3D volumes (0, 1, 2; default 2)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--intensity", default="auto",
+                   help="auto, percentile[:lo,hi], window:center,width, minmax (grey images to 0..255)")
+    p.add_argument("--padding", type=float, default=5.0, help="box padding in pixels")
+    p.add_argument("--points", type=int, default=0, help="positive points per prompt (mask prompts)")
+    p.add_argument("--negative-points", type=int, default=0, help="negative points per prompt")
+    p.add_argument("--threshold", type=float, default=0.5, help="probability threshold (run prompts)")
+    p.add_argument("--batch-size", type=int, default=4, help="slices per encoder call")
+    p.add_argument("--multimask", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode 3 candidates and keep the highest predicted IoU (default: the backend's choice)")
+    p.add_argument("--limit", type=int, help="only the first N cases")
+    p.set_defaults(func=run_pseudolabel)
+    return p
+
+
+def _index_masks(folder: Path) -> dict[str, Path]:
+    from ..io import case_id_from_path, is_image_file
+
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: mask folder not found")
+    out = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and is_image_file(p):
+            cid = case_id_from_path(p)
+            out[cid[:-5] if cid.endswith("_0000") else cid] = p
+    return out
+
+
+def run_pseudolabel(args) -> int:
+    from tqdm import tqdm
+
+    from ..data.cases import discover_cases
+    from ..io import ImageError, read_image, read_label
+    from .backends import build_backend
+    from .engine import PseudoLabel, SamEngine, pseudolabel_from_mask, pseudolabel_from_probability
+
+    out = Path(args.out)
+    cases = discover_cases(args.input)
+    if args.limit:
+        cases = cases[: args.limit]
+    if not cases:
+        print(f"{args.input}: no images found", file=sys.stderr)
+        return 2
+    masks = _index_masks(Path(args.prompt_from_masks)) if args.prompt_from_masks else None
+    predictor = None
+    if args.prompt_from_run:
+        from ..infer import load_predictor
+
+        predictor = load_predictor(args.prompt_from_run, device=args.device)
+    engine = None
+    written = skipped = failed = 0
+    scores = []
+    for case in tqdm(cases, desc="pseudolabel", unit="case"):
+        ext = ".png" if case.image.lower().endswith((".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")) else ".nii.gz"
+        if (out / f"{case.id}{ext}").exists():
+            skipped += 1
+            continue
+        try:
+            image = read_image(case.image)
+            if masks is not None:
+                if case.id not in masks:
+                    tqdm.write(f"{case.id}: no mask in {args.prompt_from_masks}; skipped")
+                    skipped += 1
+                    continue
+                mask = read_label(masks[case.id])
+                if mask.spatial_shape != image.spatial_shape:
+                    raise ImageError(f"{mask.path}: shape {mask.spatial_shape} does not match image {case.image} "
+                                     f"shape {image.spatial_shape}")
+            engine = engine or SamEngine(build_backend(args.backend, args.checkpoint, args.device, args.model_type),
+                                         batch_size=args.batch_size, multimask=args.multimask)
+            if masks is not None:
+                result = pseudolabel_from_mask(engine, image, mask.array, axis=args.axis, padding=args.padding,
+                                               n_pos=args.points, n_neg=args.negative_points,
+                                               intensity=args.intensity, prompt_source=f"mask:{mask.path}")
+            else:
+                prob = predictor.predict(image)
+                label, score, prov = pseudolabel_from_probability(
+                    engine, image, prob, axis=args.axis, threshold=args.threshold, n_pos=max(1, args.points),
+                    n_neg=args.negative_points, padding=args.padding, intensity=args.intensity,
+                    prompt_source=f"run:{Path(args.prompt_from_run).resolve()}")
+                result = PseudoLabel(image.with_array(label), score, prov)
+            result.write(out, case.id)
+            scores.append(result.score)
+            written += 1
+        except (ImageError, ValueError) as exc:
+            tqdm.write(f"{case.id}: {exc}")
+            failed += 1
+    mean = f", mean predicted IoU {sum(scores) / len(scores):.3f}" if scores else ""
+    print(f"pseudolabel: {written} written, {skipped} skipped, {failed} failed -> {out}{mean}")
+    return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="semiseg")
+    add_pseudolabel_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+
+from semiseg.data import Case, PatchSampler, discover_cases, load_case, make_manifest
+from semiseg.io import Image, ImageError, read_image, read_label, write_image
+
+
+def test_discovers_real_datasets(la_dir, acdc_dir, kvasir_dir):
+    la = discover_cases(la_dir)
+    assert len(la) == 80 and all(c.label for c in la)
+    assert len(discover_cases(acdc_dir)) == 160
+    kv = discover_cases(kvasir_dir)
+    assert len(kv) == 798 and kv[0].image.endswith(".jpg") and kv[0].label.endswith(".jpg")
+
+
+def test_manifest_counts_fractions_and_hidden_references(la_dir):
+    cases = discover_cases(la_dir)
+    m = make_manifest(cases, labelled=8, val=16, seed=3)
+    assert (len(m.labelled), len(m.val), len(m.unlabelled)) == (8, 16, 56)
+    ids = [c.id for c in m.labelled + m.val + m.unlabelled]
+    assert len(set(ids)) == 80
+    assert all(c.label is None and c.reference for c in m.unlabelled)
+    # validation does not depend on how many cases are labelled; the same seed gives the same split
+    m16 = make_manifest(cases, labelled=16, val=16, seed=3)
+    assert [c.id for c in m16.val] == [c.id for c in m.val]
+    assert [c.id for c in m16.labelled[:8]] == [c.id for c in m.labelled]
+    frac = make_manifest(cases, labelled=0.25, val=0.2, seed=3)
+    assert (len(frac.val), len(frac.labelled)) == (16, 16)
+    assert [c.id for c in make_manifest(cases, 8, 16, seed=4).val] != [c.id for c in m.val]
+
+
+def test_load_case_normalises_and_validates(acdc_dir, tmp_path):
+    case = discover_cases(acdc_dir)[0]
+    lc = load_case(case, "minmax", num_classes=4)
+    assert lc.image.shape[0] == 1 and lc.image.min() == 0 and lc.image.max() == pytest.approx(1)
+    assert set(np.unique(lc.label)) <= {0, 1, 2, 3} and lc.label.max() == 3
+    with pytest.raises(ImageError, match=r"patient.*unexpected label values \[2, 3\]"):
+        load_case(case, "minmax", num_classes=2)
+
+
+def test_shape_and_geometry_mismatch_are_errors(la_dir, tmp_path):
+    cases = discover_cases(la_dir)
+    other_shape = next(c for c in cases[1:] if read_image(c.image).spatial_shape != read_image(cases[0].image).spatial_shape)
+    with pytest.raises(ImageError, match="label shape .* does not match"):
+        load_case(Case("x", cases[0].image, other_shape.label), "none", 2)
+    lab = read_label(cases[0].label)
+    moved = Image(lab.array, lab.spacing, (5.0, 0.0, 0.0), lab.direction)
+    path = write_image(moved, tmp_path / "moved.nii.gz")
+    with pytest.raises(ImageError, match="moved.nii.gz: geometry"):
+        load_case(Case("x", cases[0].image, str(path)), "none", 2)
+    with pytest.raises(ImageError, match="nolabel.nii.gz: file not found"):
+        load_case(Case("x", cases[0].image, str(tmp_path / "nolabel.nii.gz")), "none", 2)
+
+
+def test_patch_sampler_3d_and_slices(la_dir):
+    cases = [load_case(c, "none", 2) for c in discover_cases(la_dir)[:2]]
+    s = PatchSampler(cases, (48, 48, 32), 3, seed=0, foreground_prob=1.0)
+    b = s.next_batch()
+    assert b.image.shape == (3, 1, 48, 48, 32) and b.label.shape == (3, 48, 48, 32)
+    assert all(b.label[i].sum() > 0 for i in range(3))  # centred on foreground
+    state = s.state_dict()
+    again = s.next_batch()
+    s.load_state_dict(state)
+    assert np.array_equal(s.next_batch().image.numpy(), again.image.numpy())  # resumable sampling
+    s2d = PatchSampler(cases, (64, 64), 4, seed=0, foreground_prob=1.0, slice_axis=-1)
+    b2 = s2d.next_batch()
+    assert b2.image.shape == (4, 1, 64, 64) and b2.label.shape == (4, 64, 64) and b2.label.sum() > 0
