@@ -27,6 +27,11 @@ from SemiSegLib import dependencies
 SCOPES = ("current slice", "slice range", "whole volume")
 
 
+def given(path) -> Path | None:
+    """A path parameter as set by the person, or None (an unset ``Path`` parameter reads as ".")."""
+    return Path(path) if path is not None and str(path) not in ("", ".") else None
+
+
 class SemiSeg(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
@@ -149,7 +154,7 @@ class SemiSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if not p.inputVolume:
             p.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-        if not p.trainConfig or str(p.trainConfig) in ("", "."):
+        if given(p.trainConfig) is None:
             default = dependencies.resources_dir() / "configs" / "la2018_supervised.yaml"
             if default.exists():
                 p.trainConfig = default
@@ -170,8 +175,8 @@ class SemiSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- 1 Data
     def refreshDataset(self) -> None:
         self.ui.caseComboBox.clear()
-        folder = self._parameterNode.datasetFolder
-        if not folder or not Path(folder).is_dir():
+        folder = given(self._parameterNode.datasetFolder)
+        if folder is None or not folder.is_dir():
             self.ui.datasetSummaryLabel.text = _("No dataset folder selected.")
             return
         cases = self.logic.cases(folder)
@@ -209,9 +214,10 @@ class SemiSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onRunSAM(self) -> None:
         p = self._parameterNode
-        result = self.logic.runSAM(p.inputVolume, self.outputSegmentation(), p.samBackend, str(p.samCheckpoint or ""),
+        checkpoint = str(given(p.samCheckpoint) or "")
+        result = self.logic.runSAM(p.inputVolume, self.outputSegmentation(), p.samBackend, checkpoint,
                                    p.positivePoints, p.negativePoints, p.promptBox, self.sliceRange(),
-                                   p.runFolder if p.promptFromModel else None)
+                                   given(p.runFolder) if p.promptFromModel else None)
         self.ui.samStatusLabel.text = _("New segment, SAM score {score:.3f}").format(score=result.score)
 
     def onQueue(self) -> None:
@@ -224,9 +230,10 @@ class SemiSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def refreshQueue(self) -> None:
         table = self.ui.reviewTableWidget
         table.setRowCount(0)
-        if not self._parameterNode.datasetFolder or not Path(self._parameterNode.datasetFolder).is_dir():
+        folder = given(self._parameterNode.datasetFolder)
+        if folder is None or not folder.is_dir():
             return
-        for row, item in enumerate(self.logic.queue(self._parameterNode.datasetFolder).sorted()):
+        for row, item in enumerate(self.logic.queue(folder).sorted()):
             table.insertRow(row)
             for col, text in enumerate((item.case_id, f"{item.score:.3f}", item.status)):
                 table.setItem(row, col, qt.QTableWidgetItem(text))
@@ -316,7 +323,7 @@ class SemiSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onMetricsRow(self, index) -> None:
         case_id = self.logic.caseOfRow(self.resultTable(), index.row())
-        if case_id and self._parameterNode.datasetFolder and Path(self._parameterNode.datasetFolder).is_dir():
+        if case_id and given(self._parameterNode.datasetFolder) is not None:
             self.onLoadCase(case_id)
 
 
@@ -326,7 +333,7 @@ class SemiSegLogic(ScriptedLoadableModuleLogic):
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self.training = None
-        self._backends = {}
+        self._engines = {}
 
     def getParameterNode(self):
         return SemiSegParameterNode(super().getParameterNode())
@@ -374,40 +381,38 @@ class SemiSegLogic(ScriptedLoadableModuleLogic):
         return int(round(nodes.world_to_ijk(center, volume)[0][2]))
 
     # -- SAM
-    def backend(self, name: str, checkpoint: str = ""):
-        from semiseg.sam.backends import build_backend
+    def engine(self, name: str, checkpoint: str = ""):
+        """One SAM engine per backend and checkpoint, kept so its embedding cache makes repeated prompts fast."""
+        from semiseg.sam import SamEngine, build_backend
 
         key = (name, checkpoint)
-        if key not in self._backends:
-            self._backends[key] = build_backend(name, checkpoint or None, device="auto")
-        return self._backends[key]
+        if key not in self._engines:
+            self._engines[key] = SamEngine(build_backend(name, checkpoint or None, device="auto"))
+        return self._engines[key]
 
     def runSAM(self, volume, segmentation, backend_name, checkpoint, positive, negative, roi, slices,
                model_run=None):
-        from SemiSegLib import nodes, pseudolabel
+        """SAM into a new segment, prompted by the markups or (``model_run``) by a trained model, on ``slices``."""
+        from SemiSegLib import pseudolabel
 
         if volume is None:
             raise ValueError("select an input volume first")
-        backend = self.backend(backend_name, checkpoint)
+        engine = self.engine(backend_name, checkpoint)
         if model_run:
             from semiseg.infer import load_predictor
 
             probs = pseudolabel.model_probabilities(volume, load_predictor(str(model_run)))
-            prompts = pseudolabel.model_prompts(probs)
-            source = "sam+model"
-        else:
-            prompts = pseudolabel.markup_prompts(volume, nodes.image_from_volume(volume), positive, negative, roi)
-            source = "sam"
-        return pseudolabel.sam_segment(volume, segmentation, backend, pseudolabel.restrict(prompts, slices),
-                                       source=source)
+            return pseudolabel.sam_segment_from_model(volume, segmentation, engine, probs, slices)
+        prompts = pseudolabel.markup_prompts(volume, positive, negative, roi)
+        return pseudolabel.sam_segment(volume, segmentation, engine, pseudolabel.restrict(prompts, slices))
 
     def segmentWithModel(self, volume, segmentation, run_folder):
         from semiseg.infer import load_predictor
 
         from SemiSegLib import pseudolabel
 
-        if not run_folder or not Path(run_folder).is_dir():
-            raise ValueError(f"{run_folder}: choose a trained run folder in the Train section")
+        if given(run_folder) is None or not Path(run_folder).is_dir():
+            raise ValueError(f"'{run_folder}': choose a trained run folder in the Train section")
         return pseudolabel.model_segment(volume, segmentation, load_predictor(str(run_folder)))
 
     # -- review queue
@@ -442,15 +447,17 @@ class SemiSegLogic(ScriptedLoadableModuleLogic):
     def startTraining(self, config, run_folder, dataset_folder, method, iterations, device, val_cases):
         from SemiSegLib.training import TrainingProcess, training_overrides
 
-        if not run_folder or str(run_folder) in ("", "."):
+        if given(run_folder) is None:
             raise ValueError("choose a run folder for the training")
+        if given(config) is None:
+            raise ValueError("choose a training config (Resources/configs/*.yaml)")
         if self.training is not None and self.training.is_running():
             raise RuntimeError(f"{self.training.run_dir}: training is already running")
-        labelled = None
-        if dataset_folder and Path(dataset_folder).is_dir():
-            labelled = sum(1 for c in self.cases(dataset_folder) if c.label) - int(val_cases)
-        overrides = training_overrides(str(dataset_folder), method, iterations, device, labelled, val_cases) \
-            if dataset_folder and str(dataset_folder) not in ("", ".") else []
+        folder, labelled, val = given(dataset_folder), None, None
+        if folder is not None:  # every labelled case but the validation ones trains (accepted ones included)
+            labelled = sum(1 for c in self.cases(folder) if c.label) - int(val_cases)
+            val = int(val_cases)
+        overrides = training_overrides(str(folder) if folder else None, method, iterations, device, labelled, val)
         self.training = TrainingProcess(config, run_folder, overrides)
         self.training.start()
         return self.training

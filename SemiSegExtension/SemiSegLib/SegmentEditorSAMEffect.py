@@ -18,7 +18,9 @@ from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 PREVIEW_NAME = "SemiSeg SAM preview"
 
 
-class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
+class SegmentEditorSAMEffect(AbstractScriptedSegmentEditorEffect):
+    """Slicer finds the class by the file name (SegmentEditorSAMEffect.py), so the two must match."""
+
     def __init__(self, scriptedEffect):
         scriptedEffect.name = "SAM"
         scriptedEffect.perSegment = True
@@ -26,7 +28,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.points = []  # (ras, 1 include / 0 exclude)
         self.previewMask = None
         self.previewScore = None
-        self.backend = None
+        self.engine = None  # built on the first click; its embedding cache makes further clicks fast
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -74,8 +76,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         from SemiSegLib import dependencies
 
         dependencies.ensure_dependencies(ask=not slicer.app.testingEnabled())
-        from semiseg.sam.backends import build_backend
-        from semiseg.sam.prompts import prompts_from_user
+        from semiseg.sam import SamEngine, build_backend, prompts_from_user
 
         from SemiSegLib import nodes, pseudolabel
 
@@ -85,10 +86,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         k = int(round(ijk[-1][2]))  # the slice of the latest click
         keep = [n for n, c in enumerate(ijk) if int(round(c[2])) == k]
         prompts = prompts_from_user(image, ijk[keep], [self.points[n][1] for n in keep], space="ijk", axis=2)
-        if self.backend is None:
-            self.backend = build_backend("litemedsam", device="auto")
-        mask, scores = pseudolabel.run_sam(image, self.backend, prompts, axis=2)
-        self.previewMask, self.previewScore = mask, float(np.mean(list(scores.values())))
+        if self.engine is None:
+            self.engine = SamEngine(build_backend("litemedsam", device="auto"))
+        result = self.engine.segment(pseudolabel.working_image(volume), prompts, axis=2, prompt_source="clicks")
+        self.previewMask = result.label.array.reshape(image.spatial_shape) > 0
+        self.previewScore = result.score
         self.showPreview(volume)
         self.statusLabel.text = f"Slice {k}: SAM score {self.previewScore:.3f}. Apply to keep it."
 

@@ -54,11 +54,12 @@ def default_python() -> str:
     return sys.executable
 
 
-def training_overrides(dataset_root: str, method: str | None = None, iterations: int | None = None,
+def training_overrides(dataset_root: str | None, method: str | None = None, iterations: int | None = None,
                        device: str | None = None, labelled: int | None = None, val: int | None = None) -> list[str]:
     """``--set`` overrides for a run on a dataset folder. ``labelled``/``val`` are case counts: pass the number of
-    labelled cases (minus ``val``) so that every labelled case, accepted pseudo-labels included, trains."""
-    out = [f"data.root={dataset_root}"]
+    labelled cases (minus ``val``) so that every labelled case, accepted pseudo-labels included, trains.
+    ``dataset_root`` None keeps the config's own ``data.root``."""
+    out = [f"data.root={dataset_root}"] if dataset_root else []
     if method:
         out.append(f"method={method}")
     if iterations:

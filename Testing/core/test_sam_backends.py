@@ -99,6 +99,10 @@ def test_litemedsam_bad_box_gives_bad_mask(litemedsam, kvasir_cases):
     far = Prompt(box=(0, 0, 20, 20)) if cols.min() > 40 and rows.min() > 40 else Prompt(box=(230, 230, 255, 255))
     bad, _ = litemedsam.decode(emb, [far])
     assert dice_score(good[0], ref > 0) > 0.85 and dice_score(bad[0], ref > 0) < 0.2
+    # point prompts go through the same decoder (LiteMedSAM was trained on boxes; only shapes are checked here)
+    cy, cx = np.argwhere(ref > 0).mean(axis=0)
+    pts, score = litemedsam.decode(emb, [Prompt(points=[(cx, cy)], point_labels=[1])])
+    assert pts.shape == (1,) + ref.shape and np.isfinite(score[0])
 
 
 def test_tiny_sam_geometry_batching_and_prompt_kinds():

@@ -99,6 +99,7 @@ def test_pseudolabel_from_run(tmp_path, capsys):
     assert rc == 0, capsys.readouterr()
     prov = json.loads((out / f"{IDS[0]}.json").read_text())
     assert prov["backend"] == "hf" and prov["prompt_source"] == f"run:{run.resolve()}"
+    assert prov["slices"] and prov["slices"][0]["prompts"][0]["source"] == "probability"
     # the prompts are exactly those the run's probabilities give
     image = read_image(images / f"{IDS[0]}.jpg")
     prob = infer.load_predictor(run, device="cpu").predict(image)

@@ -139,7 +139,8 @@ def test_pseudolabel_from_probability_2d_and_3d():
     assert mask.shape == vol.spatial_shape and mask.dtype == np.uint8
     assert [s["index"] for s in prov["slices"]] == [1, 2] and engine.timing.embedded == 2
     assert [p["label"] for p in prov["slices"][1]["prompts"]] == [1, 2]
-    assert prov["slices"][0]["prompts"][0]["box"] == [3.0, 5.0, 24.0, 34.0]  # 5 px padding around cols 8..19, rows 10..29
+    # 5 px padding around cols 8..19, rows 10..29
+    assert prov["slices"][0]["prompts"][0]["box"] == [3.0, 5.0, 24.0, 34.0]
     assert not mask[:, :, [0, 3, 4]].any()
     assert np.isclose(score, np.mean([p["iou"] for s in prov["slices"] for p in s["prompts"]]), atol=1e-3)
     # a 2D foreground map without a class axis

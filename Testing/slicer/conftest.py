@@ -48,13 +48,10 @@ def la_mid_slice(la_case):
 
 
 @pytest.fixture(scope="session")
-def sam_backend():
-    import torch
+def sam_engine():
+    from semiseg.sam import SamEngine, build_backend
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    from semiseg.sam.backends import build_backend
-
-    return build_backend("litemedsam", device="cpu")
+    return SamEngine(build_backend("litemedsam", device="cpu"))
 
 
 @pytest.fixture

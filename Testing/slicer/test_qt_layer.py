@@ -92,3 +92,11 @@ def test_module_imports_nothing_heavy_at_file_level():
         elif isinstance(node, ast.ImportFrom):
             top.add((node.module or "").split(".")[0])
     assert top <= {"__future__", "os", "pathlib", "typing", "qt", "slicer", "vtk", "SemiSegLib"}, top
+
+
+def test_segment_editor_effect_is_where_the_module_registers_it():
+    """Slicer instantiates the class named after the effect's file; the module registers that file."""
+    effect = REPO / "SemiSegExtension" / "SemiSegLib" / "SegmentEditorSAMEffect.py"
+    classes = [n.name for n in ast.parse(effect.read_text()).body if isinstance(n, ast.ClassDef)]
+    assert effect.stem in classes
+    assert '"SemiSegLib" / "SegmentEditorSAMEffect.py"' in MODULE.read_text()

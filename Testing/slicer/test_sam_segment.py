@@ -1,4 +1,5 @@
-"""SAM (real LiteMedSAM weights) on a real LA slice from an ROI box, written as a new tagged segment."""
+"""SAM (real LiteMedSAM weights) on a real LA slice, prompted by an ROI box or by a model's probabilities, written
+as new tagged segments; then the Dice review table and plot."""
 import json
 
 import numpy as np
@@ -18,16 +19,20 @@ def _roi_around(scene, volume, label, k, margin=3):
     return roi
 
 
-def test_sam_box_on_one_slice_matches_reference(scene, la_case, la_mid_slice, sam_backend):
+def test_sam_segments_and_dice_review(scene, la_case, la_mid_slice, sam_engine):
     label, k = la_mid_slice
     volume = nodes.load_volume(scene, str(la_case[0]), "la")
     volume.SetAttribute("SemiSeg.CaseId", "la")
-    reference = nodes.segmentation_from_label(scene, nodes.image_from_volume(volume).with_array(label), volume, "ref")
+    grid = nodes.image_from_volume(volume)
+    reference = nodes.segmentation_from_label(scene, grid.with_array(label), volume, "ref")
     output = nodes.new_segmentation(scene, volume, "out")
-    image = nodes.image_from_volume(volume)
-    prompts = pseudolabel.markup_prompts(volume, image, roi=_roi_around(scene, volume, label, k))
-    result = pseudolabel.sam_segment(volume, output, sam_backend, pseudolabel.restrict(prompts, (k, k)))
 
+    # 1. an ROI box spanning three slices, restricted to the current one
+    roi = _roi_around(scene, volume, label, k)
+    roi.SetSize(roi.GetSize()[0], roi.GetSize()[1], 3 * grid.spacing[2])
+    prompts = pseudolabel.markup_prompts(volume, roi=roi)
+    assert sorted(prompts) == [k - 1, k, k + 1]
+    result = pseudolabel.sam_segment(volume, output, sam_engine, pseudolabel.restrict(prompts, (k, k)))
     mask = nodes.segment_mask(output, result.segment_id, volume)
     assert mask[:, :, k].any() and not np.delete(mask, k, axis=2).any()  # only the asked slice
     dice = binary_metrics(mask[:, :, k], label[:, :, k] == 1)["dice"]
@@ -36,14 +41,29 @@ def test_sam_box_on_one_slice_matches_reference(scene, la_case, la_mid_slice, sa
     tags = nodes.segment_tags(output, result.segment_id)
     assert tags[nodes.TAG_SOURCE] == "sam" and abs(float(tags[nodes.TAG_SCORE]) - result.score) < 1e-3
     provenance = json.loads(tags[nodes.TAG_PROVENANCE])
-    assert provenance["backend"] == "litemedsam" and provenance["slices"] == [k]
-    assert "box" in provenance["prompts"][str(k)][0]
+    assert provenance["backend"] == "litemedsam" and [s["index"] for s in provenance["slices"]] == [k]
 
-    # the Dice review of that slice through the table node agrees with the direct computation
+    # 2. prompts from a model's probabilities (here a perfect model: the reference one-hot), the same slice
+    probs = np.stack([label != 1, label == 1]).astype(np.float32)
+    from_model = pseudolabel.sam_segment_from_model(volume, output, sam_engine, probs, (k, k))
+    mask2 = nodes.segment_mask(output, from_model.segment_id, volume)
+    assert not np.delete(mask2, k, axis=2).any()
+    assert binary_metrics(mask2[:, :, k], label[:, :, k] == 1)["dice"] > 0.85
+    assert json.loads(nodes.segment_tags(output, from_model.segment_id)[nodes.TAG_PROVENANCE])[
+        "prompt_source"] == "model"
+    assert sam_engine.timing.embedded == 1  # the second run reused the cached embedding of slice k
+    assert len(nodes.segment_ids(output)) == 2  # the first result is still there
+
+    # 3. the Dice review: table rows agree with the metrics computed directly; the plot shows the table
     rows = evaluation.evaluate_segmentations("la", output, reference, volume)
-    assert len(rows) == 1 and rows[0]["reference"] == "label 1"
+    assert [r["reference"] for r in rows] == ["label 1", "label 1"]
     table = scene.AddNewNodeByClass("vtkMRMLTableNode", "metrics")
     evaluation.fill_table(table, rows)
-    back = evaluation.table_rows(table)[0]
-    whole = binary_metrics(mask, label == 1, image.spacing)
-    assert abs(back["dice"] - whole["dice"]) < 1e-9 and abs(back["hd95"] - whole["hd95"]) < 1e-9
+    back = evaluation.table_rows(table)
+    whole = binary_metrics(mask, label == 1, grid.spacing)
+    assert abs(back[0]["dice"] - whole["dice"]) < 1e-9 and abs(back[0]["hd95"] - whole["hd95"]) < 1e-9
+    assert evaluation.case_of_row(table, 1) == "la"
+    chart = evaluation.dice_plot(scene, table)
+    series = scene.GetNodeByID(chart.GetNthPlotSeriesNodeID(0))
+    assert series.GetTableNodeID() == table.GetID() and series.GetYColumnName() == "dice"
+    assert evaluation.dice_plot(scene, table) is chart and chart.GetNumberOfPlotSeriesNodes() == 1

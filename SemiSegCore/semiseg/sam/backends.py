@@ -49,12 +49,13 @@ class CheckpointInfo:
 
 
 # Official addresses and published hashes.
+_META = "https://dl.fbaipublicfiles.com/segment_anything/"
 SAM_CHECKPOINTS = {
-    "vit_b": CheckpointInfo("sam_vit_b_01ec64.pth", "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+    "vit_b": CheckpointInfo("sam_vit_b_01ec64.pth", _META + "sam_vit_b_01ec64.pth",
                             sha256="ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912"),
-    "vit_l": CheckpointInfo("sam_vit_l_0b3195.pth", "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
+    "vit_l": CheckpointInfo("sam_vit_l_0b3195.pth", _META + "sam_vit_l_0b3195.pth",
                             sha256="3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622"),
-    "vit_h": CheckpointInfo("sam_vit_h_4b8939.pth", "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
+    "vit_h": CheckpointInfo("sam_vit_h_4b8939.pth", _META + "sam_vit_h_4b8939.pth",
                             sha256="a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e"),
     "medsam_vit_b": CheckpointInfo("medsam_vit_b.pth", "https://zenodo.org/records/10689643/files/medsam_vit_b.pth",
                                    md5="3bb6db55bd0c9ca30b61248bca72f8d6"),
@@ -134,7 +135,8 @@ def _download(info: CheckpointInfo, path: Path, where: str) -> None:
             with urllib.request.urlopen(info.url, timeout=30) as src, open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst, length=1 << 20)
         except OSError as exc:
-            raise SamCheckpointError(f"SAM checkpoint {info.filename} could not be downloaded ({exc}); {where}") from exc
+            raise SamCheckpointError(f"SAM checkpoint {info.filename} could not be downloaded ({exc}); "
+                                     f"{where}") from exc
         verify_checkpoint(tmp, info)
         os.replace(tmp, path)
     finally:
@@ -425,7 +427,8 @@ def _load_state(path: Path, torch):
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise SamCheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise SamCheckpointError(f"{path}: cannot be read as a PyTorch checkpoint "
+                                 f"({type(exc).__name__}: {exc})") from exc
     if isinstance(state, dict):
         state = state.get("model", state.get("state_dict", state))
     return state

@@ -59,10 +59,10 @@ def _index_masks(folder: Path) -> dict[str, Path]:
 def run_pseudolabel(args) -> int:
     from tqdm import tqdm
 
-    from ..data.cases import discover_cases
+    from ..data.cases import discover_cases, is_2d_case
     from ..io import ImageError, read_image, read_label
     from .backends import build_backend
-    from .engine import PseudoLabel, SamEngine, pseudolabel_from_mask, pseudolabel_from_probability
+    from .engine import PseudoLabel, SamEngine, output_path, pseudolabel_from_mask, pseudolabel_from_probability
 
     out = Path(args.out)
     cases = discover_cases(args.input)
@@ -81,8 +81,7 @@ def run_pseudolabel(args) -> int:
     written = skipped = failed = 0
     scores = []
     for case in tqdm(cases, desc="pseudolabel", unit="case"):
-        ext = ".png" if case.image.lower().endswith((".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")) else ".nii.gz"
-        if (out / f"{case.id}{ext}").exists():
+        if output_path(out, case.id, is_2d_case(case)).exists():
             skipped += 1
             continue
         try:

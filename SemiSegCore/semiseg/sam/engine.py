@@ -111,6 +111,11 @@ class EmbeddingCache:
 
 # ---------------------------------------------------------------------------------------------------- results
 
+def output_path(out_dir: str | Path, case_id: str, is_2d: bool) -> Path:
+    """Where a case's pseudo-label goes: ``<case>.png`` for 2D images, ``<case>.nii.gz`` for volumes."""
+    return Path(out_dir) / f"{case_id}{'.png' if is_2d else '.nii.gz'}"
+
+
 @dataclass
 class PseudoLabel:
     label: Image  # integer label map on the input image's grid
@@ -121,7 +126,7 @@ class PseudoLabel:
         """Write ``<case>.json`` (provenance) then ``<case>.nii.gz`` (3D) or ``<case>.png`` (2D), both atomically.
         The mask is written last: its presence marks a finished case."""
         out_dir = Path(out_dir)
-        mask_path = out_dir / f"{case_id}{'.png' if self.label.spatial_ndim == 2 else '.nii.gz'}"
+        mask_path = output_path(out_dir, case_id, self.label.spatial_ndim == 2)
         if mask_path.exists() and not overwrite:
             raise FileExistsError(f"{mask_path}: exists; refusing to overwrite it")
         prov = dict(self.provenance, mask=mask_path.name)

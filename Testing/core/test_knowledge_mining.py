@@ -1,0 +1,137 @@
+"""Knowledge mining from SAM: gate, masked pseudo-label loss, ramp, config errors, checkpointed pseudo-labels and a
+short real run on Kvasir-SEG with LiteMedSAM (mining, provenance files, resume without re-mining)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from semiseg.config import ConfigError, load_config
+from semiseg.data.sampling import Batch
+from semiseg.methods.knowledge_mining import IGNORE, KnowledgeMining, foreground_dice, gate
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO.parent / "shared" / "data"
+KVASIR = DATA / "kvasir-seg"
+CONFIG = REPO / "Resources" / "configs" / "kvasir_km.yaml"
+
+
+def tiny_cfg(*extra):
+    return load_config(CONFIG, [f"data.root={KVASIR}", "model.features=4", "train.patch_size=[64,64]",
+                                "train.batch_size=2", "train.unlabelled_batch_size=2", *extra])
+
+
+def test_gate_hand_computed():
+    sam = np.zeros((2, 10, 10), np.uint8)  # a "volume" of two slices along axis 0
+    model = np.zeros_like(sam)
+    sam[0, 2:6, 2:6] = 1  # 16 px
+    model[0, 2:6, 2:4] = 1  # 8 px inside: Dice = 2*8 / 24 = 0.6667
+    sam[1, 0:2, 0:2] = 1
+    model[1, 0:2, 0:2] = 1  # identical: Dice 1
+    slices = [{"index": 0, "prompts": [{"label": 1, "iou": 0.9}]},
+              {"index": 1, "prompts": [{"label": 1, "iou": 0.7}]}]
+    out, decisions = gate(sam, model, slices, axis=0, min_iou=0.8, min_agreement=0.5)
+    assert [d["accepted"] for d in decisions] == [True, False]  # slice 1 fails on predicted IoU
+    assert decisions[0]["agreement"] == pytest.approx(2 / 3, abs=1e-4)
+    assert (out[0] == sam[0]).all() and (out[1] == IGNORE).all()
+    out, decisions = gate(sam, model, slices, axis=0, min_iou=0.5, min_agreement=0.7)
+    assert [d["accepted"] for d in decisions] == [False, True]  # slice 0 fails on agreement
+    # IGNORE pixels are left out of the pseudo-label Dice: only slice 1 counts, where it is perfect
+    assert foreground_dice(out, model, 2) == pytest.approx(1.0)
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="knowledge_mining.schedule"):
+        tiny_cfg("knowledge_mining.schedule=sometimes")
+    with pytest.raises(ConfigError, match="knowledge_mining.min_iou"):
+        tiny_cfg("knowledge_mining.min_iou=1.5")
+    with pytest.raises(ConfigError, match="knowledge_mining.warmpu.*warmup"):
+        tiny_cfg("knowledge_mining.warmpu=3")
+    cfg = load_config(REPO / "Resources" / "configs" / "la2018_supervised.yaml", ["method=knowledge_mining"])
+    with pytest.raises(ConfigError, match="model.name"):
+        KnowledgeMining(cfg, torch.device("cpu"))
+
+
+def test_ramp_and_masked_pseudo_loss():
+    torch.manual_seed(0)
+    m = KnowledgeMining(tiny_cfg("knowledge_mining.weight=2.0", "knowledge_mining.rampup=10"), torch.device("cpu"))
+    assert m.pseudo_weight(50) == 0.0  # no mining round yet
+    m.first_round_step = 20
+    assert m.pseudo_weight(25) == pytest.approx(2.0 * math.exp(-5 * 0.5 ** 2))
+    assert m.pseudo_weight(40) == pytest.approx(2.0)
+
+    class OneBatch:  # stands in for the pseudo-label sampler only (the loss under test is real)
+        def __init__(self, batch):
+            self.batch = batch
+
+        def next_batch(self):
+            return self.batch
+
+    x = torch.randn(2, 3, 64, 64)
+    lab = Batch(x[:1], torch.zeros(1, 64, 64, dtype=torch.long), ["a"])
+    pl_label = torch.randint(0, 2, (1, 64, 64))
+    ignored = pl_label.clone()
+    ignored[:, :32] = IGNORE
+    m.eval()  # fixed batch-norm statistics: the two losses below see the same logits
+    m._sampler = OneBatch(Batch(x[1:], ignored, ["b"]))
+    out = m.training_step(lab, None, 40)
+    assert set(out) >= {"loss", "sup", "pseudo", "pseudo_weight"}
+    # the masked loss equals Dice+CE computed by hand on the valid half only
+    from semiseg.losses import dice_ce_loss
+
+    logits = m.net(x[1:])
+    valid = torch.zeros(1, 64, 64)
+    valid[:, 32:] = 1
+    expected = dice_ce_loss(logits, torch.where(valid.bool(), pl_label, 0), weight=valid)
+    assert out["pseudo"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx(out["sup"].item() + 2.0 * expected.item(), rel=1e-5)
+
+
+def test_pseudolabels_survive_the_checkpoint():
+    cfg = tiny_cfg()
+    a = KnowledgeMining(cfg, torch.device("cpu"))
+    a.pseudo = {"x": np.eye(5, dtype=np.uint8) * IGNORE, "y": np.ones((3, 4, 2), np.uint8)}
+    a.round, a.first_round_step, a.next_round_step = 2, 7, 12
+    b = KnowledgeMining(cfg, torch.device("cpu"))
+    b.load_state_dict(a.state_dict())
+    assert (b.round, b.first_round_step, b.next_round_step) == (2, 7, 12)
+    assert set(b.pseudo) == {"x", "y"} and all((b.pseudo[k] == a.pseudo[k]).all() for k in a.pseudo)
+
+
+@pytest.mark.skipif(not KVASIR.exists(), reason="needs ../shared/data/kvasir-seg")
+def test_real_run_mines_saves_and_resumes(tmp_path):
+    from semiseg.train import train
+
+    over = ["data.max_cases=12", "data.labelled=3", "data.unlabelled=3", "data.val=2", "train.val_every=100",
+            "train.checkpoint_every=1", "infer.patch_size=[256,256]", "knowledge_mining.warmup=2",
+            "knowledge_mining.rampup=1", "knowledge_mining.min_iou=0.0", "knowledge_mining.min_agreement=0.0",
+            "knowledge_mining.min_area=1", "knowledge_mining.threshold=0.3"]
+    run = tmp_path / "run"
+    train(tiny_cfg("train.iterations=3", *over), run, quiet=True, evaluate_val=False)
+    events = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    mining = [e for e in events if e["event"] == "mining"]
+    assert len(mining) == 1 and mining[0]["step"] == 2 and mining[0]["cases"] == 3
+    assert mining[0]["model_dice"] is not None  # scored against the hidden references
+    state = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    restored = KnowledgeMining(tiny_cfg(*over), torch.device("cpu"))
+    restored.load_state_dict(state["method"])
+    assert len(restored.pseudo) == mining[0]["accepted"]
+    for cid, label in restored.pseudo.items():  # the run directory holds the same masks, with provenance
+        prov = json.loads((run / "pseudolabels" / f"{cid}.json").read_text())
+        assert prov["backend"] == "litemedsam" and prov["round"] == 1 and prov["accepted"]
+        assert prov["gate"]["decisions"][0]["iou"] > 0
+        from semiseg.io import read_label
+
+        assert (read_label(run / "pseudolabels" / f"{cid}.png").array == label).all()
+    # resume to 5 iterations: no second round (one_time), the checkpointed pseudo-labels keep training
+    train(tiny_cfg("train.iterations=5", *over), run, quiet=True, evaluate_val=False)
+    events = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events].count("mining") == 1
+    assert any(e["event"] == "resumed" for e in events)
+    last = [e for e in events if e["event"] == "train"][-1]
+    if restored.pseudo:
+        assert last["step"] == 5 and "pseudo" in last

@@ -1,0 +1,145 @@
+"""VerSemi: its losses and masks against hand-computed values, the dynamic head against explicit per-sample
+convolutions, config errors, and a real two-dataset (LA 2018 + ACDC) training through both stages with resume and
+per-task evaluation on each dataset's own grid."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from semiseg.config import ConfigError, config_from_dict
+from semiseg.methods.versemi import VerSemi, cube_masks, dice_loss, evaluate_run
+from semiseg.models.task_head import TaskPromptedHead
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO.parent / "shared" / "data"
+needs_data = pytest.mark.skipif(not (DATA / "la2018").is_dir() or not (DATA / "acdc").is_dir(),
+                                reason="real data not found at ../shared/data")
+
+
+def test_dice_loss_hand_computed():
+    p = torch.tensor([1.0, 0.5, 0.0, 0.25])
+    g = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    # inter = 1.5, sum p^2 = 1 + 0.25 + 0.0625 = 1.3125, sum g^2 = 2
+    expected = 1 - (3.0 + 1e-5) / (3.3125 + 1e-5)
+    assert dice_loss(p, g).item() == pytest.approx(expected, rel=1e-6)
+    assert dice_loss(torch.zeros(5), torch.zeros(5)).item() == pytest.approx(0.0)  # both empty: no loss
+
+
+def test_cube_masks_zero_one_box_per_sample():
+    g = torch.Generator().manual_seed(0)
+    m = cube_masks(3, (16, 30, 12), 2 / 3, generator=g)
+    assert m.shape == (3, 16, 30, 12)
+    for i in range(3):
+        zeros = torch.nonzero(m[i] == 0)
+        assert len(zeros) == 10 * 20 * 8  # floor(2/3 * side) per axis
+        extent = (zeros.max(0).values - zeros.min(0).values + 1).tolist()
+        assert extent == [10, 20, 8]  # one contiguous box
+    r = cube_masks(50, (20, 20, 20), (0.3, 0.6), generator=g)
+    sides = [round(float((1 - r[i]).sum()) ** (1 / 3)) for i in range(50)]
+    assert min(sides) >= 6 and max(sides) <= 12 and len(set(sides)) > 1
+
+
+def test_task_head_is_a_per_sample_dynamic_convolution():
+    torch.manual_seed(0)
+    head = TaskPromptedHead(decoder_channels=3, bottleneck_channels=5, num_tasks=3, width=4, layers=2, norm="none")
+    assert head.num_parameters_per_sample == (4 * 4 + 4) + (2 * 4 + 2)
+    feats, bott = torch.randn(2, 3, 4, 4, 4), torch.randn(2, 5, 2, 2, 2)
+    task = torch.tensor([0, 2])
+    out = head(feats, bott, task)
+    assert out.shape == (2, 2, 4, 4, 4)
+    (w1, b1), (w2, b2) = head.dynamic_parameters(bott, task)
+    x = head.pre(feats)
+    for i in range(2):  # the same as two ordinary 1x1x1 convolutions with this sample's generated weights
+        y = F.relu(F.conv3d(x[i:i + 1], w1[i][..., None, None, None], b1[i]))
+        y = F.conv3d(y, w2[i][..., None, None, None], b2[i])
+        torch.testing.assert_close(out[i:i + 1], y, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(head(feats, bott, torch.tensor([1, 2]))[0], out[0])  # the prompt matters
+    with pytest.raises(ValueError, match="task ids"):
+        head(feats, bott, torch.tensor([0, 3]))
+
+
+def _raw(tmp_path: Path | None = None) -> dict:
+    raw = yaml.safe_load((REPO / "Resources/configs/versemi_la_acdc.yaml").read_text())
+    raw["data"].update(root=str(DATA / "la2018"), max_cases=5, labelled=2, val=1, unlabelled=2)
+    raw["versemi"]["datasets"][1].update(root=str(DATA / "acdc"), max_cases=6, labelled=2, val=1, unlabelled=2)
+    raw["model"]["features"] = 4
+    raw["train"].update(iterations=4, patch_size=[16, 32, 32], batch_size=1, unlabelled_batch_size=1, val_every=4,
+                        checkpoint_every=2, augment=True)
+    raw["infer"].update(patch_size=[32, 96, 96], overlap=0.0)
+    raw["versemi"]["unlabelled_start"] = 2
+    return raw
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda r: r["versemi"]["datasets"][0].update(labelled=3), "versemi.datasets[0].labelled"),
+    (lambda r: r["versemi"]["datasets"][1]["tasks"].update(myocardium=0), "versemi.datasets[1].tasks.myocardium"),
+    (lambda r: r["versemi"]["datasets"][1].pop("root"), "versemi.datasets[1].root"),
+    (lambda r: r["versemi"]["datasets"][1].update(spacing=1), "versemi.datasets[1].spacing"),
+    (lambda r: r["versemi"].update(cube_ratio_range=[0.6, 0.3]), "versemi.cube_ratio_range"),
+])
+def test_config_errors_name_the_key(edit, key):
+    raw = _raw()
+    edit(raw)
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        config_from_dict(raw)
+
+
+def test_needs_a_vnet():
+    raw = _raw()
+    raw["model"]["name"] = "unet3d"
+    with pytest.raises(ConfigError, match="model.name"):
+        VerSemi(config_from_dict(raw), torch.device("cpu"))
+
+
+@needs_data
+def test_two_datasets_both_stages_resume_and_per_task_evaluation(tmp_path):
+    from semiseg.io import read_image
+    from semiseg.train.trainer import Trainer
+
+    cfg = config_from_dict(_raw())
+    run = tmp_path / "run"
+    first = Trainer(cfg, run, quiet=True)
+    vs: VerSemi = first.method
+    stop_after = vs.on_step
+
+    def stop_at_2(trainer, step):  # the same as a SIGTERM after step 2
+        stop_after(trainer, step)
+        trainer.stop_requested = step >= 1
+
+    vs.on_step = stop_at_2
+    # stage 1 losses on a real batch from both datasets
+    vs.setup(first)
+    stage1 = vs.training_step(None, None, 0)
+    assert set(stage1) == {"loss", "sup", "chaos", "spec"} and torch.isfinite(stage1["loss"])
+    assert first.fit() == {"stopped": True, "step": 2}
+    saved = {d.name: d.sampler.state_dict() for d in vs.data}
+
+    second = Trainer(cfg, run, quiet=True)
+    assert second.try_resume() and second.step == 2
+    second.method.setup(second)
+    for d in second.method.data:  # every dataset's sampler continues where it stopped
+        assert d.sampler.state_dict() == saved[d.name]
+    assert [c.id for c in second.method.data[1].train_cases] == [c.id for c in vs.data[1].train_cases]
+    result = second.fit()
+    assert result["step"] == 4 and not result["stopped"]
+    stage2 = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    last = [r for r in stage2 if r["event"] == "train"][-1]
+    assert last["step"] == 4 and {"unl", "cube"} <= set(last)  # stage 2 ran
+
+    summary = evaluate_run(run, which="last")
+    assert set(summary["per_label"]) == {"left_atrium", "right_ventricle", "myocardium", "left_ventricle"}
+    assert (run / "tasks" / "acdc" / "metrics.csv").exists() and (run / "tasks" / "la2018" / "summary.json").exists()
+
+    acdc = second.method.data[1]
+    image = read_image(acdc.manifest.val[0].image)
+    seg = second.method.predictor("acdc").segment(image)
+    assert seg.spatial_shape == image.spatial_shape and seg.spacing == image.spacing
+    assert set(np.unique(seg.array)) <= {0, 1, 2, 3}
+    one = second.method.predictor("acdc", task="myocardium").segment(image)
+    assert set(np.unique(one.array)) <= {0, 1}
