@@ -453,11 +453,13 @@ class SemiSegLogic(ScriptedLoadableModuleLogic):
             raise ValueError("choose a training config (Resources/configs/*.yaml)")
         if self.training is not None and self.training.is_running():
             raise RuntimeError(f"{self.training.run_dir}: training is already running")
-        folder, labelled, val = given(dataset_folder), None, None
-        if folder is not None:  # every labelled case but the validation ones trains (accepted ones included)
-            labelled = sum(1 for c in self.cases(folder) if c.label) - int(val_cases)
+        folder, labelled, val, accepted = given(dataset_folder), None, None, []
+        if folder is not None:  # every labelled case but the validation ones trains; accepted ones always train
+            accepted = [i.case_id for i in self.queue(folder).sorted() if i.status in ("accepted", "corrected")]
+            labelled = sum(1 for c in self.cases(folder) if c.label) - int(val_cases) - len(accepted)
             val = int(val_cases)
-        overrides = training_overrides(str(folder) if folder else None, method, iterations, device, labelled, val)
+        overrides = training_overrides(str(folder) if folder else None, method, iterations, device, labelled, val,
+                                       accepted)
         self.training = TrainingProcess(config, run_folder, overrides)
         self.training.start()
         return self.training

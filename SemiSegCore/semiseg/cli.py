@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_evaluate)
 
-    for module, adder in (("semiseg.sam.cli", "add_pseudolabel_parser"),):
+    for module, adder in (("semiseg.sam.cli", "add_pseudolabel_parser"),
+                          ("semiseg.knowledge.cli", "add_knowledge_parser")):
         try:
             getattr(__import__(module, fromlist=[adder]), adder)(sub)
         except (ImportError, AttributeError):

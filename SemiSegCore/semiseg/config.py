@@ -31,6 +31,8 @@ class DataConfig:
     val: float = 0.2
     """Count or fraction of all cases held back for validation (never trained on)."""
     test: float = 0.0
+    labelled_ids: Optional[list] = None
+    """Case ids that are always labelled (e.g. pseudo-labels a person accepted), on top of ``labelled``."""
     unlabelled: Optional[float] = None
     """Count or fraction of the remaining cases used without labels; default: all of them."""
     seed: int = 0

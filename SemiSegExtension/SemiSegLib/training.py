@@ -55,10 +55,11 @@ def default_python() -> str:
 
 
 def training_overrides(dataset_root: str | None, method: str | None = None, iterations: int | None = None,
-                       device: str | None = None, labelled: int | None = None, val: int | None = None) -> list[str]:
+                       device: str | None = None, labelled: int | None = None, val: int | None = None,
+                       labelled_ids: list[str] | None = None) -> list[str]:
     """``--set`` overrides for a run on a dataset folder. ``labelled``/``val`` are case counts: pass the number of
-    labelled cases (minus ``val``) so that every labelled case, accepted pseudo-labels included, trains.
-    ``dataset_root`` None keeps the config's own ``data.root``."""
+    labelled cases (minus ``val``) so that every labelled case trains; ``labelled_ids`` (accepted or corrected
+    pseudo-labels) are always labelled, never validation. ``dataset_root`` None keeps the config's ``data.root``."""
     out = [f"data.root={dataset_root}"] if dataset_root else []
     if method:
         out.append(f"method={method}")
@@ -70,6 +71,8 @@ def training_overrides(dataset_root: str | None, method: str | None = None, iter
         out.append(f"data.labelled={max(int(labelled), 1)}")
     if val is not None:
         out.append(f"data.val={int(val)}")
+    if labelled_ids:
+        out.append("data.labelled_ids=[" + ",".join(json.dumps(str(i)) for i in labelled_ids) + "]")
     return out
 
 

@@ -65,3 +65,14 @@ def test_patch_sampler_3d_and_slices(la_dir):
     s2d = PatchSampler(cases, (64, 64), 4, seed=0, foreground_prob=1.0, slice_axis=-1)
     b2 = s2d.next_batch()
     assert b2.image.shape == (4, 1, 64, 64) and b2.label.shape == (4, 64, 64) and b2.label.sum() > 0
+
+
+def test_named_cases_are_always_labelled(la_dir):
+    cases = discover_cases(la_dir)
+    m = make_manifest(cases, labelled=2, val=10, seed=0)
+    chosen = [m.val[0].id, m.unlabelled[0].id]
+    forced = make_manifest(cases, labelled=2, val=10, seed=0, labelled_ids=chosen)
+    assert {c.id for c in forced.labelled} >= set(chosen) and len(forced.labelled) == 4
+    assert not set(chosen) & {c.id for c in forced.val + forced.unlabelled}
+    with pytest.raises(ImageError, match="labelled_ids.*nonexistent"):
+        make_manifest(cases, labelled=2, labelled_ids=["nonexistent"])

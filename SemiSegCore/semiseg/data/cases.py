@@ -139,13 +139,21 @@ def _count(x: float | None, n: int, default: int) -> int:
 
 
 def make_manifest(cases: list[Case], labelled: float, val: float = 0.0, test: float = 0.0,
-                  unlabelled: float | None = None, seed: int = 0, max_cases: int | None = None) -> Manifest:
+                  unlabelled: float | None = None, seed: int = 0, max_cases: int | None = None,
+                  labelled_ids: list[str] | None = None) -> Manifest:
     """Split cases reproducibly. Validation and test come first (from all labelled cases) so that they stay the
     same whatever the labelled count; labelled cases are then drawn from the rest, the others become unlabelled
-    (their labels kept as hidden references only)."""
+    (their labels kept as hidden references only). Cases named in ``labelled_ids`` (e.g. labels a person accepted
+    or corrected) are always labelled, on top of the ``labelled`` count, and never used for validation."""
     rng = random.Random(seed)
+    forced_ids = set(labelled_ids or [])
+    missing = forced_ids - {c.id for c in cases if c.label}
+    if missing:
+        raise ImageError(f"data.labelled_ids names cases without a label file: {', '.join(sorted(missing)[:5])}")
+    forced = sorted((c for c in cases if c.id in forced_ids), key=lambda c: c.id)
     cases = sorted(cases, key=lambda c: c.id)
-    rng.shuffle(cases)
+    rng.shuffle(cases)  # shuffle everything first, so naming a case moves no other case between the sets
+    cases = [c for c in cases if c.id not in forced_ids]
     if max_cases:
         cases = cases[:max_cases]
     with_label = [c for c in cases if c.label]
@@ -157,7 +165,7 @@ def make_manifest(cases: list[Case], labelled: float, val: float = 0.0, test: fl
     n_lab = _count(labelled, len(pool), 0)
     if n_lab == 0 and labelled > 0:
         n_lab = 1
-    lab_cases = pool[:n_lab]
+    lab_cases = forced + pool[:n_lab]
     rest = pool[n_lab:]
     unl = [Case(c.id, c.image, None, reference=c.label, h5=c.h5) for c in rest] + without
     n_unl = _count(unlabelled, len(unl), len(unl))

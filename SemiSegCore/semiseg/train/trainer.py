@@ -92,7 +92,7 @@ class Trainer:
             return Manifest.from_json(path.read_text())
         d = self.cfg.data
         cases = discover_cases(d.root, d.layout)
-        manifest = make_manifest(cases, d.labelled, d.val, d.test, d.unlabelled, d.seed, d.max_cases)
+        manifest = make_manifest(cases, d.labelled, d.val, d.test, d.unlabelled, d.seed, d.max_cases, d.labelled_ids)
         if self.is_main:
             atomic_write_text(path, manifest.to_json())
             save_config(self.cfg, self.run_dir / "config.yaml")
