@@ -50,6 +50,8 @@ class ModelConfig:
     in_channels: int = 1
     features: int = 16
     dropout: float = 0.0
+    norm: str = "batch"
+    """V-Net normalisation: batch | instance | none."""
 
 
 @dataclass

@@ -28,9 +28,10 @@ def losses(run_dir):
 
 
 def test_resumed_run_equals_uninterrupted_run(la_dir, tmp_path):
-    cfg = tiny_config(la_dir, iterations=20, val_every=20, checkpoint_every=10)
+    cfg = tiny_config(la_dir, iterations=20, val_every=20, checkpoint_every=10, val_max_cases=0)
     train(cfg, tmp_path / "straight", quiet=True, evaluate_val=False)
-    trainer = Trainer(tiny_config(la_dir, iterations=20, val_every=20, checkpoint_every=10), tmp_path / "resumed",
+    trainer = Trainer(tiny_config(la_dir, iterations=20, val_every=20, checkpoint_every=10, val_max_cases=0),
+                      tmp_path / "resumed",
                       quiet=True)
     # ask the trainer to stop after step 10, as SIGINT/SIGTERM would
     trainer.method.on_step = lambda tr, step: setattr(tr, "stop_requested", step >= 10)

@@ -1,7 +1,8 @@
 """Patch sampling with light augmentation, drawn from cases held in memory.
 
 Sampling uses its own numpy Generator, so a run is reproducible from its seed and resumable from the generator
-state saved in the checkpoint. Each distributed rank seeds its own generator (seed + rank).
+state saved in the checkpoint. Under torchrun every rank draws the same global batch (batch_size x world_size
+patches) and keeps its own share, so the data a run sees does not depend on how many processes share it.
 """
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ class PatchSampler:
     """Draws random patches (with labels when the cases have them) from a list of loaded cases."""
 
     def __init__(self, cases: list[LoadedCase], patch_size, batch_size: int, seed: int, augment: bool = True,
-                 foreground_prob: float = 0.0, labels: dict[str, np.ndarray] | None = None, slice_axis: int = -1):
+                 foreground_prob: float = 0.0, labels: dict[str, np.ndarray] | None = None, slice_axis: int = -1,
+                 rank: int = 0, world_size: int = 1):
         if not cases:
             raise ValueError("PatchSampler needs at least one case")
         self.cases = cases
@@ -60,6 +62,7 @@ class PatchSampler:
         self.labels = labels  # overrides case.label (e.g. pseudo-labels)
         self.rng = np.random.default_rng(seed)
         self._fg_index: dict[str, np.ndarray] = {}
+        self.rank, self.world_size = rank, world_size
         self.slice_axis = slice_axis
         """Used when 2D patches are drawn from 3D volumes (a 2D network trained slice by slice)."""
 
@@ -122,8 +125,10 @@ class PatchSampler:
         return img, lab
 
     def next_batch(self) -> Batch:
-        idx = self.rng.integers(0, len(self.cases), size=self.batch_size)
-        pairs = [self.sample_one(self.cases[i]) for i in idx]
+        idx = self.rng.integers(0, len(self.cases), size=self.batch_size * self.world_size)
+        pairs = [self.sample_one(self.cases[i]) for i in idx]  # every rank draws all, to keep the streams equal
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        idx, pairs = idx[mine], pairs[mine]
         images = torch.from_numpy(np.stack([p[0] for p in pairs]))
         labels = None
         if all(p[1] is not None for p in pairs):

@@ -41,7 +41,10 @@ def wrap(module: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
-    ids = [ctx.local_rank] if ctx.device is not None and ctx.device.type == "cuda" else None
+    on_gpu = ctx.device is not None and ctx.device.type == "cuda"
+    if on_gpu:  # batch statistics over all GPUs, as one process with the global batch would have them
+        module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    ids = [ctx.local_rank] if on_gpu else None
     return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
 
 

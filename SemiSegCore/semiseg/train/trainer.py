@@ -72,13 +72,13 @@ class Trainer:
             raise ValueError(f"method '{cfg.method}' needs unlabelled cases but the split has none "
                              f"({self.manifest.summary()})")
         t = cfg.train
-        seed = t.seed * 1000 + self.ctx.rank
+        seed, share = t.seed * 1000, {"rank": self.ctx.rank, "world_size": self.ctx.world_size}
         self.labelled_sampler = PatchSampler(self.labelled, t.patch_size, t.batch_size, seed, t.augment,
-                                             t.foreground_crop, slice_axis=t.slice_axis)
+                                             t.foreground_crop, slice_axis=t.slice_axis, **share)
         wants_batches = self.method.uses_unlabelled_batches
         wants_batches = self.method.needs_unlabelled if wants_batches is None else wants_batches
         self.unlabelled_sampler = (PatchSampler(self.unlabelled, t.patch_size, t.unlabelled_batch_size, seed + 500,
-                                                t.augment, slice_axis=t.slice_axis) if self.unlabelled and wants_batches else None)
+                                                t.augment, slice_axis=t.slice_axis, **share) if self.unlabelled and wants_batches else None)
         self.model = dist.wrap(self.method, self.ctx)
         self.optimizer = self._optimizer()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
