@@ -87,7 +87,8 @@ def add_knowledge_parser(subparsers) -> None:
     ls = sub.add_parser("list", help="the texts in Resources/knowledge (or $SEMISEG_KNOWLEDGE_DIR)")
     ls.set_defaults(knowledge_func=cmd_list)
 
-    g = sub.add_parser("generate", help="write a knowledge text with a local causal LM or an OpenAI-compatible endpoint")
+    g = sub.add_parser("generate",
+                       help="write a knowledge text with a local causal LM or an OpenAI-compatible endpoint")
     g.add_argument("--structure", required=True, help='e.g. "left atrium"')
     g.add_argument("--modality", required=True, help='e.g. "3D late gadolinium-enhanced cardiac MRI"')
     g.add_argument("--out", required=True, help="the .txt file to write (e.g. Resources/knowledge/left_atrium.txt)")

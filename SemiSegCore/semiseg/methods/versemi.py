@@ -82,8 +82,9 @@ class VerSemiParams:
     """DatasetSpec mappings; the first describes the trainer's ``data`` section."""
     head_width: int = 8
     head_layers: int = 3
-    norm: str = "instance"
-    """Normalisation in the V-Net and head (the paper uses instance norm: batches mix datasets)."""
+    norm: Optional[str] = None
+    """Normalisation of the V-Net and head; default ``model.norm`` (the paper uses instance norm: batches mix
+    datasets, so batch statistics would mix them too)."""
     cube_ratio: float = 0.6667
     """Stage 1: side of the pasted cube as a fraction of each patch side (2/3 in the code)."""
     cube_ratio_range: list = field(default_factory=lambda: [0.3, 0.6])
@@ -232,10 +233,11 @@ class VerSemi(Method):
                                       f"unique across datasets")
                 self.tasks.append(Task(name, d.index, int(value), len(self.tasks)))
         self.synthetic = len(self.tasks)  # the id of the synthetic (union) task
-        self.net = self.build_network(norm=p.norm)
+        norm = p.norm or cfg.model.norm
+        self.net = self.build_network(norm=norm)
         self.net.head = torch.nn.Identity()  # replaced by the task-prompted head
         self.head = TaskPromptedHead(self.net.decoder_channels, self.net.bottleneck_channels, len(self.tasks) + 1,
-                                     width=p.head_width, layers=p.head_layers, norm=p.norm)
+                                     width=p.head_width, layers=p.head_layers, norm=norm)
         self.infer_dataset = self.dataset_index(p.infer_dataset) if p.infer_dataset else 0
         self._ready = False
         self._pending_state: dict = {}
@@ -264,7 +266,9 @@ class VerSemi(Method):
         saved = json.loads(path.read_text()) if path.exists() else {}
         t = self.cfg.train
         need_unlabelled = self.stage2_from is not None and self.stage2_from < t.iterations
-        rank = getattr(getattr(trainer, "ctx", None), "rank", 0)
+        ctx = getattr(trainer, "ctx", None)
+        share = {"rank": getattr(ctx, "rank", 0), "world_size": getattr(ctx, "world_size", 1)}
+        rank = share["rank"]
         for d in self.data:
             if d.index == 0:
                 d.manifest = trainer.manifest
@@ -275,12 +279,13 @@ class VerSemi(Method):
                 d.val_cases = d.load(d.manifest.val[: d.val_max_cases], True)
             if not d.train_cases:
                 raise ValueError(f"{d.root}: no labelled training cases for versemi ({d.manifest.summary()})")
-            seed = t.seed * 1000 + 100 * d.index + rank
-            d.sampler = PatchSampler(d.train_cases, t.patch_size, d.batch_size, seed, t.augment, t.foreground_crop)
+            seed = t.seed * 1000 + 100 * d.index  # under torchrun every rank draws the global batch, keeps a share
+            d.sampler = PatchSampler(d.train_cases, t.patch_size, d.batch_size, seed, t.augment, t.foreground_crop,
+                                     **share)
             if need_unlabelled and d.manifest.unlabelled and d.unlabelled_batch_size > 0:
                 d.unlabelled_cases = d.load(d.manifest.unlabelled, False)
                 d.unlabelled_sampler = PatchSampler(d.unlabelled_cases, t.patch_size, d.unlabelled_batch_size,
-                                                    seed + 50, t.augment)
+                                                    seed + 50, t.augment, **share)
         if need_unlabelled and not any(d.unlabelled_sampler for d in self.data):
             raise ValueError("versemi: stage 2 (versemi.unlabelled_start) needs unlabelled cases, but no dataset has "
                              "any; set versemi.unlabelled_start: null for labelled-only training")
