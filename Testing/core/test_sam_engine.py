@@ -48,8 +48,8 @@ def test_la_volume_pseudolabel_nifti_on_input_grid(tmp_path):
     assert back.same_grid(vol) and np.allclose(back.affine, vol.affine)
     assert np.array_equal(back.array, result.label.array)
     dices = [dice_score(back.array[:, :, k], lab.array[:, :, k]) for k in (1, 2, 3)]
-    # measured: about 0.88-0.91 per slice on this case (MR, boxes from the reference)
-    assert min(dices) > 0.75, dices
+    # measured on this crop: 0.928, 0.923, 0.921 (MR, boxes from the reference)
+    assert min(dices) > 0.85, dices
     prov = json.loads((tmp_path / "la_case.json").read_text())
     assert prov["backend"] == "litemedsam" and prov["checkpoint_sha256"].startswith("79d8c9dc")
     assert prov["axis"] == 2 and prov["mask"] == "la_case.nii.gz" and prov["image"] == str(case)

@@ -35,7 +35,7 @@ def add_pseudolabel_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--points", type=int, default=0, help="positive points per prompt (mask prompts)")
     p.add_argument("--negative-points", type=int, default=0, help="negative points per prompt")
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold (run prompts)")
-    p.add_argument("--batch-size", type=int, default=4, help="slices per encoder call")
+    p.add_argument("--batch-size", type=int, help="slices per encoder call (default: 8 on a GPU, 1 on a CPU)")
     p.add_argument("--multimask", action=argparse.BooleanOptionalAction, default=None,
                    help="decode 3 candidates and keep the highest predicted IoU (default: the backend's choice)")
     p.add_argument("--limit", type=int, help="only the first N cases")
