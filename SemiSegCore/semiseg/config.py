@@ -31,6 +31,9 @@ class DataConfig:
     val: float = 0.2
     """Count or fraction of all cases held back for validation (never trained on)."""
     test: float = 0.0
+    group_pattern: Optional[str] = None
+    """Regex naming a case's group (e.g. ``^(patient\\d+)`` for ACDC): a group's cases stay in one set, and
+    counts and fractions count groups."""
     labelled_ids: Optional[list] = None
     """Case ids that are always labelled (e.g. pseudo-labels a person accepted), on top of ``labelled``."""
     unlabelled: Optional[float] = None

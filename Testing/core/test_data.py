@@ -76,3 +76,14 @@ def test_named_cases_are_always_labelled(la_dir):
     assert not set(chosen) & {c.id for c in forced.val + forced.unlabelled}
     with pytest.raises(ImageError, match="labelled_ids.*nonexistent"):
         make_manifest(cases, labelled=2, labelled_ids=["nonexistent"])
+
+
+def test_group_pattern_keeps_a_patients_frames_together(acdc_dir):
+    import re
+
+    cases = discover_cases(acdc_dir)
+    m = make_manifest(cases, labelled=7, val=10, seed=0, group_pattern=r"^(patient\d+)")
+    patient = lambda cs: {re.match(r"^(patient\d+)", c.id).group(1) for c in cs}  # noqa: E731
+    assert (len(m.labelled), len(m.val)) == (14, 20) and len(patient(m.labelled)) == 7
+    assert not patient(m.labelled) & patient(m.val) and not patient(m.val) & patient(m.unlabelled)
+    assert not patient(m.labelled) & patient(m.unlabelled)

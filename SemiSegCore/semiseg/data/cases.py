@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -138,38 +139,53 @@ def _count(x: float | None, n: int, default: int) -> int:
     return int(round(x * n)) if x < 1 else min(int(x), n)
 
 
+def _group_key(case_id: str, pattern: str | None) -> str:
+    if not pattern:
+        return case_id
+    m = re.match(pattern, case_id)
+    return m.group(1) if m and m.groups() else (m.group(0) if m else case_id)
+
+
 def make_manifest(cases: list[Case], labelled: float, val: float = 0.0, test: float = 0.0,
                   unlabelled: float | None = None, seed: int = 0, max_cases: int | None = None,
-                  labelled_ids: list[str] | None = None) -> Manifest:
+                  labelled_ids: list[str] | None = None, group_pattern: str | None = None) -> Manifest:
     """Split cases reproducibly. Validation and test come first (from all labelled cases) so that they stay the
     same whatever the labelled count; labelled cases are then drawn from the rest, the others become unlabelled
     (their labels kept as hidden references only). Cases named in ``labelled_ids`` (e.g. labels a person accepted
-    or corrected) are always labelled, on top of the ``labelled`` count, and never used for validation."""
+    or corrected) are always labelled, on top of the ``labelled`` count, and never used for validation.
+
+    ``group_pattern`` (a regex whose first group, or whole match, names the group, e.g. ``^(patient\\d+)`` for
+    ACDC's ED/ES frames) keeps the cases of one group (patient) in one set; counts and fractions then count groups.
+    """
     rng = random.Random(seed)
     forced_ids = set(labelled_ids or [])
     missing = forced_ids - {c.id for c in cases if c.label}
     if missing:
         raise ImageError(f"data.labelled_ids names cases without a label file: {', '.join(sorted(missing)[:5])}")
     forced = sorted((c for c in cases if c.id in forced_ids), key=lambda c: c.id)
-    cases = sorted(cases, key=lambda c: c.id)
-    rng.shuffle(cases)  # shuffle everything first, so naming a case moves no other case between the sets
-    cases = [c for c in cases if c.id not in forced_ids]
+    groups: dict[str, list[Case]] = {}
+    for c in sorted(cases, key=lambda c: c.id):
+        groups.setdefault(_group_key(c.id, group_pattern), []).append(c)
+    keys = sorted(groups)
+    rng.shuffle(keys)  # shuffle everything first, so naming a case moves no other case between the sets
+    units = [[c for c in groups[k] if c.id not in forced_ids] for k in keys]
+    units = [u for u in units if u]
     if max_cases:
-        cases = cases[:max_cases]
-    with_label = [c for c in cases if c.label]
-    without = [c for c in cases if not c.label]
+        units = units[:max_cases]
+    with_label = [u for u in units if all(c.label for c in u)]
+    without = [c for u in units if not all(c.label for c in u) for c in u]
     n = len(with_label)
     n_val, n_test = _count(val, n, 0), _count(test, n, 0)
-    val_cases, test_cases = with_label[:n_val], with_label[n_val:n_val + n_test]
+    val_units, test_units = with_label[:n_val], with_label[n_val:n_val + n_test]
     pool = with_label[n_val + n_test:]
     n_lab = _count(labelled, len(pool), 0)
     if n_lab == 0 and labelled > 0:
         n_lab = 1
-    lab_cases = forced + pool[:n_lab]
-    rest = pool[n_lab:]
-    unl = [Case(c.id, c.image, None, reference=c.label, h5=c.h5) for c in rest] + without
+    flat = lambda us: [c for u in us for c in u]  # noqa: E731
+    rest = [Case(c.id, c.image, None, reference=c.label, h5=c.h5) for c in flat(pool[n_lab:])]
+    unl = rest + [Case(c.id, c.image, None, reference=c.label, h5=c.h5) for c in without]
     n_unl = _count(unlabelled, len(unl), len(unl))
-    return Manifest(lab_cases, unl[:n_unl], val_cases, test_cases)
+    return Manifest(forced + flat(pool[:n_lab]), unl[:n_unl], flat(val_units), flat(test_units))
 
 
 def to_channels_first(img: Image) -> np.ndarray:

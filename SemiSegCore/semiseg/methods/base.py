@@ -56,5 +56,10 @@ class Method(nn.Module):
     def on_step(self, trainer, step: int) -> None:
         """Called by the trainer before each step (e.g. to re-mine pseudo-labels). Default: nothing."""
 
+    def validate(self, trainer) -> dict | None:
+        """Validation Dice for choosing ``best.pt``: ``{"dice": mean, ...}``, or None for the trainer's default
+        (sliding-window Dice on the trainer's validation cases). Methods over several datasets override it."""
+        return None
+
     def parameter_groups(self) -> list[dict]:
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]

@@ -64,6 +64,8 @@ class DatasetSpec:
     unlabelled: Optional[float] = None
     seed: Optional[int] = None
     max_cases: Optional[int] = None
+    group_pattern: Optional[str] = None
+    """Keeps a group's cases (e.g. one patient's frames) in one set; see data.group_pattern."""
     intensity: Optional[str] = None
     batch_size: Optional[int] = None
     """Labelled patches of this dataset per step (default: train.batch_size)."""
@@ -153,6 +155,7 @@ class _Data:
         self.unlabelled_fraction = pick(spec.unlabelled, d.unlabelled)
         self.seed = pick(spec.seed, d.seed)
         self.max_cases = pick(spec.max_cases, d.max_cases)
+        self.group_pattern = spec.group_pattern if spec.root else d.group_pattern
         self.intensity = pick(spec.intensity, d.intensity)
         self.batch_size = pick(spec.batch_size, t.batch_size)
         self.unlabelled_batch_size = pick(spec.unlabelled_batch_size, t.unlabelled_batch_size)
@@ -168,7 +171,7 @@ class _Data:
     def split(self) -> Manifest:
         cases = discover_cases(self.root, self.layout)
         return make_manifest(cases, self.labelled, self.val_fraction, 0.0, self.unlabelled_fraction, self.seed,
-                             self.max_cases)
+                             self.max_cases, group_pattern=self.group_pattern)
 
     def load(self, cases, with_label: bool) -> list[LoadedCase]:
         return [load_case(c, self.intensity, self.num_classes, with_label=with_label) for c in cases]
@@ -503,6 +506,24 @@ class VerSemi(Method):
             cfg.data = replace(cfg.data, num_classes=2)
             net = partial(self._single_task_logits, task=t.id)
         return Predictor(net, cfg, self.device)
+
+    def validate(self, trainer) -> dict:
+        """Mean validation Dice over every task of every dataset (so best.pt is chosen on all tasks, not LA alone)."""
+        from ..metrics import dice_score
+
+        self.eval()
+        per_task = {}
+        for d in self.data:
+            pred = self.predictor(d.index)
+            cases = d.val_cases
+            labels = [pred.predict_array(lc.image).argmax(0) for lc in cases]
+            for t in self.tasks_of(d.index):
+                scores = [dice_score(lab == t.value, lc.label == t.value) for lab, lc in zip(labels, cases)]
+                if scores:
+                    per_task[t.name] = float(np.mean(scores))
+        self.train()
+        return {"dice": float(np.mean(list(per_task.values()))) if per_task else float("nan"),
+                "dice_per_task": per_task}
 
     def _single_task_logits(self, x: torch.Tensor, task: int) -> torch.Tensor:
         dec, bott = self.features(x)

@@ -92,7 +92,8 @@ class Trainer:
             return Manifest.from_json(path.read_text())
         d = self.cfg.data
         cases = discover_cases(d.root, d.layout)
-        manifest = make_manifest(cases, d.labelled, d.val, d.test, d.unlabelled, d.seed, d.max_cases, d.labelled_ids)
+        manifest = make_manifest(cases, d.labelled, d.val, d.test, d.unlabelled, d.seed, d.max_cases, d.labelled_ids,
+                                 d.group_pattern)
         if self.is_main:
             atomic_write_text(path, manifest.to_json())
             save_config(self.cfg, self.run_dir / "config.yaml")
@@ -220,7 +221,7 @@ class Trainer:
 
     def _validate_and_keep_best(self) -> None:
         if self.is_main and self.val:
-            result = self.validate()
+            result = self.method.validate(self) or self.validate()
             self.log.write(event="val", step=self.step, **result)
             if result["dice"] > self.best_dice:
                 self.best_dice = result["dice"]
