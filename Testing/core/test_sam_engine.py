@@ -74,11 +74,11 @@ def test_cache_hits_lru_bound_and_identical_slices():
     assert len(engine.cache) == 3 and engine.timing.embedded == 4
     engine.segment(vol, {0: [Prompt(box=(5, 5, 20, 25))]})
     assert engine.timing.embedded == 5  # slice 0 was evicted
-    # identical slices in one call are encoded once
-    same = Image(np.repeat(vol.array[:, :, :1], 4, axis=2), vol.spacing)
+    # identical slices in one embedding call are encoded once, even without a cache
+    rgb = np.random.default_rng(1).integers(0, 255, (40, 30, 3), dtype=np.uint8)
     fresh = SamEngine(backend, cache_size=0)
-    fresh.segment(same, {k: [Prompt(box=(2, 2, 8, 8))] for k in range(4)})
-    assert fresh.timing.embedded == 1 and len(fresh.cache) == 0
+    embs = fresh.embed_slices([rgb, rgb.copy(), rgb, rgb])
+    assert fresh.timing.embedded == 1 and len(fresh.cache) == 0 and all(e is embs[0] for e in embs)
     cache = EmbeddingCache(1)
     cache.put("a", 1)
     cache.put("b", 2)

@@ -1,0 +1,463 @@
+"""SAM-Mix (arXiv 2412.08575): a slice classifier whose Grad-CAM prompts a LoRA-adapted SAM.
+
+Two branches trained jointly on 2D slices (3D volumes are cut along ``train.slice_axis``; 2D images are one slice):
+
+- **Classifier** (does the slice contain structure k?): GAP -> FC 256 -> ReLU -> Dropout 0.3 -> FC (K-1) on the SAM
+  image embedding, trained with a binary focal loss on image-level labels of every training slice. Its Grad-CAM on
+  the embedding, min-max scaled and thresholded (``cam_threshold``), gives a box around the largest component.
+- **SAM** (LiteMedSAM by default, from :mod:`semiseg.sam`): mask decoder fine-tuned, image encoder frozen with
+  LoRA adapters (``lora_rank`` on the attention ``qkv`` / ``proj`` layers). Dice + BCE on the few labelled slices
+  (``labelled_slices``, drawn reproducibly from the labelled cases' foreground slices; no other pixel label is read).
+
+Inference never looks at a reference: for each slice and structure the classifier decides presence
+(``cls_threshold``), the CAM gives the box (and, with ``mask_prompt``, a dense prompt), and the decoder gives the
+mask. Structures a slice lacks get a fixed negative logit.
+
+Choices where the paper is silent (see seeds.md section 4): the classifier sits on the SAM embedding as in the
+authors' ADA-SAM (not a separate ResNet-38), Grad-CAM is computed in closed form for that head
+(:meth:`SliceClassifier.grad_cam`), threshold 0.4, single-mask output (LiteMedSAM's training mode), fallback box
+the central half of the slice, focal alpha 0.5 / gamma 2, prompt encoder frozen, training prompts of labelled
+slices a 50/50 mix of jittered reference boxes and the model's own CAM boxes (``train_prompt``).
+
+Two baselines share the slice selection and input transform (``variant``): ``frozen_sam`` (classifier trained,
+SAM not fine-tuned: CAM boxes into the base SAM) and ``unet`` (a 2D U-Net trained on the same labelled slices).
+Only the trainable parts are checkpointed (adapters, decoder, classifier); the base SAM comes from its package.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ConfigError
+from ..data.sampling import Batch
+from ..losses import dice_ce_loss
+from .base import Method
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key 'sam_mix.{key}' {message}")
+
+
+NEGATIVE_LOGIT = -20.0
+"""Mask logit of a structure the classifier says is absent from a slice."""
+
+
+@dataclass
+class SamMixParams:
+    variant: str = "sam_mix"
+    """sam_mix | frozen_sam (baseline: SAM with CAM boxes, no fine-tuning) | unet (baseline: 2D U-Net, same slices)."""
+    backend: str = "litemedsam"
+    """SAM backend (litemedsam | sam): its networks and input geometry are used."""
+    checkpoint: Optional[str] = None
+    model_type: str = "vit_b"
+    labelled_slices: int = 50
+    """Slices with pixel labels, drawn (seed ``data.seed``) from the labelled cases' foreground slices."""
+    image_level_from: str = "all"
+    """Slices whose image-level labels train the classifier: all (labelled + unlabelled training cases; the
+    protocol of the paper) or labelled (the labelled cases only)."""
+    lora_rank: int = 8
+    """0: no adapters (encoder frozen; its embeddings are then cached)."""
+    lora_alpha: float = 8.0
+    lora_targets: list = field(default_factory=lambda: ["qkv", "proj"])
+    lora_init: Optional[str] = None
+    """A file from ``SamMix.save_adapters`` to start from."""
+    cls_batch: int = 4
+    seg_batch: int = 2
+    cls_weight: float = 1.0
+    seg_weight: float = 1.0
+    focal_alpha: float = 0.5
+    focal_gamma: float = 2.0
+    cam_threshold: float = 0.4
+    cls_threshold: float = 0.5
+    mask_prompt: bool = False
+    """Also feed the thresholded CAM to the decoder as a dense prompt."""
+    train_prompt: str = "mix"
+    """Prompts of labelled slices in training: gt (jittered reference box) | cam | mix (each with probability 0.5)."""
+    box_jitter: float = 0.1
+    """Reference boxes move each side by up to this fraction of the box size."""
+    embedding_cache: int = 512
+    """Embeddings kept in memory (only with a frozen encoder); shared by the runs of one process."""
+
+
+# ---------------------------------------------------------------------------------------------------- losses
+
+def binary_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.5,
+                      gamma: float = 2.0) -> torch.Tensor:
+    """Mean of ``-a_t (1 - p_t)^gamma log p_t`` (Lin et al. 2017); a_t = alpha for positives, 1 - alpha else."""
+    targets = targets.float()
+    log_pt = -F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    pt = log_pt.exp()
+    a_t = alpha * targets + (1 - alpha) * (1 - targets)
+    return (-a_t * (1 - pt) ** gamma * log_pt).mean()
+
+
+def dice_bce_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """BCE + (1 - soft Dice) on sigmoid probabilities, Dice per mask and averaged. Shapes (N, H, W)."""
+    targets = targets.float()
+    probs = torch.sigmoid(logits).flatten(1)
+    t = targets.flatten(1)
+    dice = (2 * (probs * t).sum(1) + eps) / (probs.sum(1) + t.sum(1) + eps)
+    return F.binary_cross_entropy_with_logits(logits, targets) + (1 - dice).mean()
+
+
+# ---------------------------------------------------------------------------------------------------- parts
+
+class SliceClassifier(nn.Module):
+    """Multi-label presence logits (B, K) from an image embedding (B, C, h, w)."""
+
+    def __init__(self, channels: int, num_structures: int, hidden: int = 256, dropout: float = 0.3):
+        super().__init__()
+        self.fc1 = nn.Linear(channels, hidden)
+        self.drop = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, num_structures)
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.drop(F.relu(self.fc1(emb.mean((2, 3))))))
+
+    def grad_cam(self, emb: torch.Tensor) -> torch.Tensor:
+        """Grad-CAM maps (B, K, h, w) in [0, 1], one per structure, without autograd.
+
+        For this head d logit_k / d emb[c, y, x] = (W1^T (W2_k * relu'(h)))_c / (h w) at every position, so the
+        Grad-CAM channel weight (the spatial mean of the gradient) has a closed form. Dropout is taken as in eval
+        mode. Each map is ReLU(sum_c w_c emb_c), min-max scaled per map."""
+        pre = self.fc1(emb.mean((2, 3)))  # (B, H)
+        active = (pre > 0).to(emb.dtype)
+        weights = torch.einsum("kh,bh,hc->bkc", self.fc2.weight, active, self.fc1.weight) / emb[0, 0].numel()
+        cam = F.relu(torch.einsum("bkc,bcyx->bkyx", weights, emb))
+        lo = cam.flatten(2).min(-1).values[..., None, None]
+        hi = cam.flatten(2).max(-1).values[..., None, None]
+        return (cam - lo) / (hi - lo).clamp_min(1e-12)
+
+
+def box_from_cam(cam: np.ndarray, threshold: float, scale: float, limit: tuple[int, int]) -> np.ndarray:
+    """Box (x0, y0, x1, y1) in the SAM input frame around the largest component of ``cam >= threshold``.
+
+    ``scale`` maps CAM pixels to input pixels; the box is clipped to ``limit`` = (h, w) of the unpadded slice.
+    A flat CAM gives the central half of the slice (the ADA-SAM fallback)."""
+    from ..sam.prompts import prompt_from_cam
+
+    h, w = limit
+    prompt = prompt_from_cam(cam, threshold)
+    if prompt is None:
+        return np.array([w / 4, h / 4, 3 * w / 4, 3 * h / 4], dtype=np.float32)
+    x0, y0, x1, y1 = prompt.box
+    box = np.array([x0 * scale, y0 * scale, (x1 + 1) * scale - 1, (y1 + 1) * scale - 1], dtype=np.float32)
+    return np.clip(box, 0, [w - 1, h - 1, w - 1, h - 1]).astype(np.float32)
+
+
+def box_from_mask(mask: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(mask)
+    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float32)
+
+
+_EMBEDDINGS: OrderedDict[str, torch.Tensor] = OrderedDict()
+"""Frozen-encoder embeddings by slice content and checkpoint, shared by the SamMix instances of one process."""
+
+
+@dataclass
+class SliceItem:
+    """One training slice in the SAM input frame."""
+
+    key: str  # case id and slice index
+    pixels: torch.Tensor  # (C, S, S) uint8, C = 1 (grey) or 3
+    size: tuple[int, int]  # (h, w) of the resized slice inside the padded S x S frame
+    present: torch.Tensor  # (K-1,) float, image-level labels
+    label: torch.Tensor | None = None  # (S, S) long, only for the labelled slices
+
+
+# ---------------------------------------------------------------------------------------------------- method
+
+class SamMix(Method):
+    name = "sam_mix"
+    Params = SamMixParams
+    uses_unlabelled_batches = False
+
+    @classmethod
+    def params_from(cls, raw):
+        p = super().params_from(raw)
+        choices = {"variant": ("sam_mix", "frozen_sam", "unet"), "image_level_from": ("all", "labelled"),
+                   "train_prompt": ("gt", "cam", "mix"), "backend": ("litemedsam", "sam")}
+        for key, allowed in choices.items():
+            _check(getattr(p, key) in allowed, key, f"must be one of {', '.join(allowed)}, got '{getattr(p, key)}'")
+        for key in ("labelled_slices", "cls_batch", "seg_batch"):
+            _check(getattr(p, key) >= 1, key, f"must be >= 1, got {getattr(p, key)}")
+        _check(p.lora_rank >= 0, "lora_rank", f"must be >= 0, got {p.lora_rank}")
+        for key in ("cam_threshold", "cls_threshold", "focal_alpha"):
+            _check(0 <= getattr(p, key) <= 1, key, f"must be in [0, 1], got {getattr(p, key)}")
+        return p
+
+    def __init__(self, cfg, device):
+        super().__init__(cfg, device)
+        p = self.params
+        self.k = cfg.data.num_classes - 1
+        self.needs_unlabelled = p.image_level_from == "all" and p.variant != "unet"
+        self.rng = np.random.default_rng(cfg.train.seed)
+        self.cls_items: list[SliceItem] = []
+        self.seg_items: list[SliceItem] = []
+        self.sam = self.backend = None
+        if p.variant == "unet":
+            from ..sam.backends import LiteMedSAMBackend
+
+            self.input_size = LiteMedSAMBackend.input_size
+            self.unet = self.build_network(name="unet2d", in_channels=3)
+            self._frozen: set[str] = set()
+            return
+        from ..sam import build_backend
+
+        self.backend = build_backend(p.backend, p.checkpoint, device=device, model_type=p.model_type)
+        self.input_size = self.backend.input_size
+        self.sam = self.backend.model
+        for q in self.sam.parameters():
+            q.requires_grad_(False)
+        self.encoder_trains = p.variant == "sam_mix" and p.lora_rank > 0
+        if self.encoder_trains:
+            from ..models.lora import add_lora, load_lora
+
+            add_lora(self.sam.image_encoder, p.lora_rank, p.lora_alpha, p.lora_targets)
+            if p.lora_init:
+                load_lora(self, p.lora_init)
+        if p.variant == "sam_mix":
+            for q in self.sam.mask_decoder.parameters():
+                q.requires_grad_(True)
+        with torch.no_grad():
+            channels = self.sam.image_encoder(torch.zeros(1, 3, self.input_size, self.input_size, device=device))
+        self.emb_size = channels.shape[-1]
+        self.classifier = SliceClassifier(channels.shape[1], self.k)
+        trainable = {n for n, q in self.named_parameters() if q.requires_grad}
+        self._frozen = {n for n in super().state_dict() if n.startswith("sam.") and n not in trainable}
+
+    # -- checkpoints: only what trains; the base SAM is rebuilt from its checkpoint ------------------------------
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        full = super().state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for name in self._frozen:
+            full.pop(prefix + name, None)
+        return full
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if k not in self._frozen]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"SAM-Mix checkpoint does not fit this configuration: missing {missing[:3]}, "
+                               f"unexpected {result.unexpected_keys[:3]} (other variant or lora_rank?)")
+        return result
+
+    def get_extra_state(self):
+        return {"rng": self.rng.bit_generator.state}
+
+    def set_extra_state(self, state):
+        self.rng.bit_generator.state = state["rng"]
+
+    def save_adapters(self, path) -> None:
+        """The LoRA adapters alone, with the hash of the base checkpoint they belong to."""
+        from ..models.lora import save_lora
+
+        save_lora(self, path, base=self.backend.describe())
+
+    # -- the SAM input frame -----------------------------------------------------------------------------------
+    def to_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Same-sized slices (B, C, H, W), any intensities, to uint8-level pixels (B, C, S, S): per-slice min-max to
+        [0, 255], longest side resized to S, padded bottom/right (the geometry of :mod:`semiseg.sam.backends`)."""
+        h, w = x.shape[-2:]
+        scale = self.input_size / max(h, w)
+        nh, nw = int(round(h * scale)), int(round(w * scale))
+        lo = x.flatten(1).min(1).values.view(-1, 1, 1, 1)
+        hi = x.flatten(1).max(1).values.view(-1, 1, 1, 1)
+        x = (x - lo) / (hi - lo).clamp_min(1e-6) * 255.0
+        if (nh, nw) != (h, w):
+            x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=nh < h)
+        x = F.pad(x, (0, self.input_size - nw, 0, self.input_size - nh))
+        return x.round().clamp(0, 255), (nh, nw)
+
+    def label_to_input(self, label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        lab = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0]
+        return F.pad(lab, (0, self.input_size - size[1], 0, self.input_size - size[0])).long()
+
+    def _normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8-level pixels (B, C, S, S) to the backend's normalised 3-channel input."""
+        pixels = pixels.float().expand(-1, 3, -1, -1) if pixels.shape[1] == 1 else pixels.float()
+        mean = torch.tensor(self.backend.pixel_mean, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.backend.pixel_std, device=pixels.device).view(1, 3, 1, 1)
+        return (pixels - mean) / std
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Image embeddings (B, 256, h, w); cached per slice when the encoder does not train."""
+        pixels = pixels.to(self.device)
+        if self.encoder_trains:
+            return self.sam.image_encoder(self._normalise(pixels))
+        keys = [self.backend.checkpoint_sha256 + hashlib.sha1(p.to(torch.uint8).cpu().numpy().tobytes()).hexdigest()
+                for p in pixels]
+        todo = [i for i, k in enumerate(keys) if k not in _EMBEDDINGS]
+        if todo:
+            with torch.no_grad():
+                new = self.sam.image_encoder(self._normalise(pixels[todo]))
+            for i, e in zip(todo, new):
+                _EMBEDDINGS[keys[i]] = e.detach()
+        out = torch.stack([_EMBEDDINGS[k] for k in keys])
+        for k in keys:
+            _EMBEDDINGS.move_to_end(k)
+        while len(_EMBEDDINGS) > self.params.embedding_cache:
+            _EMBEDDINGS.popitem(last=False)
+        return out
+
+    def cam_boxes(self, emb: torch.Tensor, sizes: list[tuple[int, int]]) -> tuple[np.ndarray, torch.Tensor]:
+        """CAM boxes (B, K, 4) in the input frame and the CAMs (B, K, h, w)."""
+        with torch.no_grad():
+            cams = self.classifier.grad_cam(emb.detach())
+        scale = self.input_size / cams.shape[-1]
+        arr = cams.cpu().numpy()
+        boxes = np.stack([np.stack([box_from_cam(arr[b, k], self.params.cam_threshold, scale, sizes[b])
+                                    for k in range(self.k)]) for b in range(len(arr))])
+        return boxes, cams
+
+    def decode(self, emb: torch.Tensor, boxes: torch.Tensor, cams: torch.Tensor | None) -> torch.Tensor:
+        """Mask logits (N, S, S) for N box prompts on one embedding (1, C, h, w); ``cams`` (N, h, w) or None."""
+        dense_in = None
+        if cams is not None:
+            low = 4 * emb.shape[-1]
+            m = (cams >= self.params.cam_threshold).float()[:, None]
+            dense_in = (F.interpolate(m, size=(low, low), mode="bilinear", align_corners=False) * 2 - 1) * 10.0
+        sparse, dense = self.sam.prompt_encoder(points=None, boxes=boxes, masks=dense_in)
+        low, _ = self.sam.mask_decoder(image_embeddings=emb, image_pe=self.sam.prompt_encoder.get_dense_pe(),
+                                       sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                       multimask_output=False)
+        return F.interpolate(low, size=(self.input_size, self.input_size), mode="bilinear",
+                             align_corners=False)[:, 0]
+
+    # -- training data: built once from the trainer's cases ------------------------------------------------------
+    def on_step(self, trainer, step: int) -> None:
+        if self.seg_items:
+            return
+        self.build_slices(trainer)
+
+    def _slices(self, image: np.ndarray, label: np.ndarray | None, axis: int):
+        """(index, (C, H, W) image, (H, W) label) for each slice of a case (a 2D case is one slice)."""
+        if image.ndim == 3:
+            yield 0, image, label
+            return
+        for i in range(image.shape[axis + 1]):
+            yield i, np.take(image, i, axis=axis + 1), None if label is None else np.take(label, i, axis=axis)
+
+    def _item(self, case_id: str, index: int, image: np.ndarray, label: np.ndarray | None) -> SliceItem:
+        pixels, size = self.to_input(torch.from_numpy(np.ascontiguousarray(image))[None].float())
+        present = torch.tensor([bool((label == k).any()) for k in range(1, self.k + 1)], dtype=torch.float32)
+        return SliceItem(f"{case_id}:{index}", pixels[0].to(torch.uint8), size, present)
+
+    def build_slices(self, trainer) -> None:
+        """The labelled slices (pixel labels) and the classifier's slices (image-level labels)."""
+        from ..io import read_label
+
+        axis = self.cfg.train.slice_axis
+        foreground = []
+        for case in trainer.labelled:
+            ax = axis % max(case.image.ndim - 1, 1)
+            for i, img, lab in self._slices(case.image, case.label, ax):
+                item = self._item(case.id, i, img, lab)
+                self.cls_items.append(item)
+                if lab.any():
+                    foreground.append((item, lab))
+        if not foreground:
+            raise ValueError("SAM-Mix: the labelled cases have no foreground slice")
+        pick = np.random.default_rng(self.cfg.data.seed).permutation(len(foreground))[: self.params.labelled_slices]
+        for j in sorted(pick):
+            item, lab = foreground[j]
+            item.label = self.label_to_input(torch.from_numpy(lab.astype(np.int64)), item.size)
+            self.seg_items.append(item)
+        if self.needs_unlabelled:  # image-level labels only: each slice's label is reduced to presence flags
+            refs = {c.id: c.reference for c in trainer.manifest.unlabelled}
+            for case in trainer.unlabelled:
+                if not refs.get(case.id):
+                    continue
+                ref = np.asarray(read_label(refs[case.id]).array)
+                ax = axis % max(case.image.ndim - 1, 1)
+                for i, img, lab in self._slices(case.image, ref, ax):
+                    self.cls_items.append(self._item(case.id, i, img, lab))
+        trainer.log.write(event="sam_mix_slices", labelled_slices=[it.key for it in self.seg_items],
+                          classifier_slices=len(self.cls_items), variant=self.params.variant)
+
+    # -- training ----------------------------------------------------------------------------------------------
+    def _draw(self, items: list[SliceItem], n: int) -> list[SliceItem]:
+        return [items[i] for i in self.rng.integers(0, len(items), size=n)]
+
+    def training_step(self, labelled: Batch, unlabelled: Batch | None, step: int) -> dict[str, torch.Tensor]:
+        if not self.seg_items:
+            raise RuntimeError("SAM-Mix trains through the trainer (its on_step builds the slice sets)")
+        p = self.params
+        seg = self._draw(self.seg_items, p.seg_batch)
+        seg_pixels = torch.stack([it.pixels for it in seg]).to(self.device)
+        seg_labels = torch.stack([it.label for it in seg]).to(self.device)
+        if p.variant == "unet":
+            loss = dice_ce_loss(self.unet(seg_pixels.float().expand(-1, 3, -1, -1) / 255.0), seg_labels)
+            return {"loss": loss, "seg": loss.detach()}
+        cls = self._draw(self.cls_items, p.cls_batch)
+        items = cls + (seg if p.variant == "sam_mix" else [])
+        emb = self.embed(torch.stack([it.pixels for it in items]))
+        present = torch.stack([it.present for it in items]).to(self.device)
+        cls_loss = binary_focal_loss(self.classifier(emb), present, p.focal_alpha, p.focal_gamma)
+        out = {"cls": cls_loss.detach()}
+        loss = p.cls_weight * cls_loss
+        if p.variant == "sam_mix":
+            seg_loss = self._seg_loss(emb[len(cls):], seg, seg_labels)
+            loss = loss + p.seg_weight * seg_loss
+            out["seg"] = seg_loss.detach()
+        out["loss"] = loss
+        return out
+
+    def _seg_loss(self, emb: torch.Tensor, items: list[SliceItem], labels: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        cam_boxes, cams = self.cam_boxes(emb, [it.size for it in items])
+        losses = []
+        for b, it in enumerate(items):
+            lab = labels[b].cpu().numpy()
+            ks = [k for k in range(self.k) if (lab == k + 1).any()]
+            boxes = []
+            for k in ks:
+                use_gt = p.train_prompt == "gt" or (p.train_prompt == "mix" and self.rng.random() < 0.5)
+                if use_gt:
+                    box = box_from_mask(lab == k + 1)
+                    span = np.array([box[2] - box[0], box[3] - box[1]] * 2) + 1
+                    box = box + self.rng.uniform(-1, 1, 4) * p.box_jitter * span
+                    box = np.clip(np.minimum(box, [box[2], box[3], 1e9, 1e9]), 0, self.input_size - 1)
+                else:
+                    box = cam_boxes[b, k]
+                boxes.append(box)
+            box_t = torch.tensor(np.stack(boxes), dtype=torch.float32, device=self.device)
+            logits = self.decode(emb[b:b + 1], box_t, cams[b, ks] if p.mask_prompt else None)
+            targets = torch.stack([labels[b] == k + 1 for k in ks])
+            losses.append(dice_bce_loss(logits, targets))
+        return torch.stack(losses).mean()
+
+    # -- inference ---------------------------------------------------------------------------------------------
+    def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, K, H, W) for slices (B, C, H, W): background 0, structure k its mask logit, or
+        ``NEGATIVE_LOGIT`` where the classifier finds it absent. Prompts come from the model's own CAMs."""
+        h, w = x.shape[-2:]
+        pixels, size = self.to_input(x.float())
+        s = self.input_size
+        if self.params.variant == "unet":
+            logits = self.unet(pixels.expand(-1, 3, -1, -1) / 255.0)
+        else:
+            emb = self.embed(pixels)
+            probs = torch.sigmoid(self.classifier(emb))
+            boxes, cams = self.cam_boxes(emb, [size] * len(x))
+            masks = torch.full((len(x), self.k, s, s), NEGATIVE_LOGIT, device=x.device)
+            for b in range(len(x)):
+                ks = [k for k in range(self.k) if probs[b, k] >= self.params.cls_threshold]
+                if ks:
+                    box_t = torch.tensor(boxes[b, ks], dtype=torch.float32, device=self.device)
+                    masks[b, ks] = self.decode(emb[b:b + 1], box_t, cams[b, ks] if self.params.mask_prompt
+                                               else None).to(masks.dtype)
+            logits = torch.cat([torch.zeros_like(masks[:, :1]), masks], 1)
+        logits = logits[..., : size[0], : size[1]]
+        if size != (h, w):
+            logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+        return logits
+
+    def parameter_groups(self) -> list[dict]:
+        return [{"params": [q for q in self.parameters() if q.requires_grad]}]

@@ -1,0 +1,162 @@
+"""SAM-Mix: focal and Dice + BCE losses by hand, closed-form Grad-CAM against autograd, CAM boxes, LoRA adapters
+(identity at start, save/load on their own), config errors, and short real runs on ACDC slices with LiteMedSAM
+(the loss falls on a repeated slice; checkpoints hold no base SAM weights and reload to the same prediction)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from semiseg.config import ConfigError, load_config
+from semiseg.methods.sam_mix import (NEGATIVE_LOGIT, SliceClassifier, binary_focal_loss, box_from_cam,
+                                     dice_bce_loss)
+from semiseg.models.lora import LoRALinear, add_lora, load_lora, lora_state_dict, save_lora
+
+REPO = Path(__file__).resolve().parents[2]
+ACDC = REPO.parent / "shared" / "data" / "acdc"
+CONFIG = REPO / "Resources" / "configs" / "acdc_sammix.yaml"
+
+
+def tiny_cfg(*extra):
+    return load_config(CONFIG, [f"data.root={ACDC}", "data.max_cases=3", "data.labelled=1", "data.val=1",
+                                "model.features=4", "sam_mix.image_level_from=labelled", "sam_mix.cls_batch=2",
+                                "sam_mix.seg_batch=1", "train.val_every=1000", "train.checkpoint_every=1000",
+                                *extra])
+
+
+def test_losses_hand_computed():
+    # p = 0.5 for a positive: alpha (1 - 0.5)^2 ln 2
+    assert binary_focal_loss(torch.zeros(1), torch.ones(1), 0.5, 2.0).item() == pytest.approx(0.5 * 0.25 * math.log(2))
+    # gamma 0, alpha 0.25: a negative with logit ln 3 (p = 0.75): 0.75 * -ln(0.25)
+    got = binary_focal_loss(torch.tensor([math.log(3)]), torch.zeros(1), 0.25, 0.0).item()
+    assert got == pytest.approx(0.75 * math.log(4))
+    # all-zero logits on a 2x2 mask with one foreground pixel: BCE ln 2, Dice (2 * 0.5) / (2 + 1) = 1/3
+    target = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    assert dice_bce_loss(torch.zeros(1, 2, 2), target).item() == pytest.approx(math.log(2) + 2 / 3, abs=1e-4)
+
+
+def test_closed_form_grad_cam_matches_autograd():
+    torch.manual_seed(0)
+    head = SliceClassifier(8, 2, hidden=16).eval()
+    emb = torch.randn(3, 8, 5, 5, requires_grad=True)
+    cams = head.grad_cam(emb.detach())
+    for k in range(2):
+        grad, = torch.autograd.grad(head(emb)[:, k].sum(), emb)
+        w = grad.mean((2, 3), keepdim=True)
+        ref = torch.relu((w * emb).sum(1))
+        lo, hi = ref.flatten(1).min(1).values[:, None, None], ref.flatten(1).max(1).values[:, None, None]
+        torch.testing.assert_close(cams[:, k], ((ref - lo) / (hi - lo).clamp_min(1e-12)).detach(), atol=1e-5,
+                                   rtol=1e-4)
+
+
+def test_box_from_cam():
+    cam = np.zeros((16, 16), np.float32)
+    cam[2:5, 3:9] = 1.0  # largest component: rows 2..4, columns 3..8
+    cam[12, 12] = 0.9  # a smaller blob is ignored
+    box = box_from_cam(cam, 0.4, scale=4.0, limit=(64, 60))
+    assert box.tolist() == [12.0, 8.0, 35.0, 19.0]  # (x0, y0, x1, y1) scaled 4x, last pixel included
+    assert box_from_cam(np.zeros((16, 16)), 0.4, 4.0, (64, 60)).tolist() == [15.0, 16.0, 45.0, 48.0]
+
+
+def test_lora_identity_at_start_and_save_load(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential()
+    net.add_module("attn", nn.Module())
+    net.attn.qkv, net.attn.proj, net.attn.other = nn.Linear(6, 18), nn.Linear(6, 6), nn.Linear(6, 6)
+    x = torch.randn(4, 6)
+    before = net.attn.qkv(x)
+    assert add_lora(net, rank=2, targets=["qkv", "proj"]) == ["attn.qkv", "attn.proj"]
+    assert isinstance(net.attn.qkv, LoRALinear) and not isinstance(net.attn.other, LoRALinear)
+    torch.testing.assert_close(net.attn.qkv(x), before)  # B = 0: the base layer's output
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable == {"attn.qkv.lora_a", "attn.qkv.lora_b", "attn.proj.lora_a", "attn.proj.lora_b",
+                         "attn.other.weight", "attn.other.bias"}
+    with torch.no_grad():
+        net.attn.qkv.lora_b.fill_(0.1)
+    changed = net.attn.qkv(x)
+    save_lora(net, tmp_path / "a.pt", base="x")
+    assert set(torch.load(tmp_path / "a.pt")["lora"]) == set(lora_state_dict(net))
+    fresh = nn.Sequential()
+    fresh.add_module("attn", nn.Module())
+    fresh.attn.qkv, fresh.attn.proj, fresh.attn.other = net.attn.qkv.base, net.attn.proj.base, net.attn.other
+    add_lora(fresh, rank=2, targets=["qkv", "proj"])
+    assert load_lora(fresh, tmp_path / "a.pt") == {"base": "x"}
+    torch.testing.assert_close(fresh.attn.qkv(x), changed)
+    wrong = nn.Sequential(nn.Linear(6, 6))
+    with pytest.raises(ValueError, match="no linear layer"):
+        add_lora(wrong, targets=["qkv"])
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="sam_mix.variant"):
+        tiny_cfg("sam_mix.variant=resnet")
+    with pytest.raises(ConfigError, match="sam_mix.cam_threshold"):
+        tiny_cfg("sam_mix.cam_threshold=1.5")
+    with pytest.raises(ConfigError, match="sam_mix.lora_rnk.*lora_rank"):
+        tiny_cfg("sam_mix.lora_rnk=4")
+
+
+def test_frozen_encoder_run_learns_and_reloads(tmp_path):
+    """Frozen encoder (cached embeddings): the loss on one repeated labelled slice falls; the checkpoint holds the
+    decoder and classifier but no encoder weights and reloads to the same prediction."""
+    from semiseg.infer import load_predictor
+    from semiseg.train.trainer import Trainer
+
+    cfg = tiny_cfg("sam_mix.lora_rank=0", "sam_mix.labelled_slices=1", "sam_mix.train_prompt=gt",
+                   "sam_mix.box_jitter=0.0", "train.lr=0.001", "train.iterations=12")
+    trainer = Trainer(cfg, tmp_path / "run", quiet=True)
+    losses = []
+    for step in range(12):
+        trainer.method.on_step(trainer, step)
+        losses.append({k: float(v) for k, v in trainer.train_step().items()})
+        trainer.step += 1
+    method = trainer.method
+    assert len(method.seg_items) == 1 and len(method.cls_items) == trainer.labelled[0].image.shape[1]
+    assert np.mean([r["seg"] for r in losses[-3:]]) < np.mean([r["seg"] for r in losses[:3]])
+    trainer.save("last.pt")
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)["method"]
+    assert not any(k.startswith("sam.image_encoder") for k in state)
+    assert any(k.startswith("sam.mask_decoder") for k in state) and "classifier.fc1.weight" in state
+    (tmp_path / "run" / "checkpoints" / "last.pt").rename(tmp_path / "run" / "checkpoints" / "best.pt")
+    case = trainer.val[0]
+    method.eval()
+    ours = trainer.predictor().predict_array(case.image[:, 3:5])  # two slices
+    again = load_predictor(tmp_path / "run", device="cpu").predict_array(case.image[:, 3:5])
+    np.testing.assert_allclose(ours, again, atol=1e-5)
+    assert ours.shape == (4, 2) + case.image.shape[2:]
+
+
+def test_lora_step_trains_adapters_only_in_encoder(tmp_path):
+    """One real step with LoRA on LiteMedSAM: adapters and decoder move, base encoder weights do not; the adapters
+    save and load apart from the base checkpoint; inference on a slice gives no foreground where absent."""
+    from semiseg.models.lora import load_lora
+    from semiseg.train.trainer import Trainer
+
+    cfg = tiny_cfg("sam_mix.labelled_slices=2", "sam_mix.cls_batch=1", "train.iterations=1", "train.lr=0.01")
+    trainer = Trainer(cfg, tmp_path / "run", quiet=True)
+    m = trainer.method
+    base = m.sam.image_encoder.layers[1].blocks[0].attn.qkv.base.weight.clone()
+    decoder = next(m.sam.mask_decoder.parameters()).clone()
+    m.on_step(trainer, 0)
+    trainer.train_step()
+    lora = lora_state_dict(m)
+    assert len(lora) == 2 * 20  # qkv and proj of the 10 attention blocks of LiteMedSAM's TinyViT
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if k.endswith("lora_b"))
+    torch.testing.assert_close(m.sam.image_encoder.layers[1].blocks[0].attn.qkv.base.weight, base)
+    assert not torch.equal(next(m.sam.mask_decoder.parameters()), decoder)
+    m.save_adapters(tmp_path / "lora.pt")
+    fresh = type(m)(cfg, torch.device("cpu"))
+    meta = load_lora(fresh, tmp_path / "lora.pt")
+    assert meta["base"]["model"] == "lite_medsam"
+    for k, v in lora_state_dict(fresh).items():
+        torch.testing.assert_close(v, lora[k])
+    # a blank slice: the classifier's verdict decides, and absent structures get the fixed negative logit
+    m.eval()
+    with torch.no_grad():
+        m.classifier.fc2.bias.fill_(-50.0)
+        logits = m.predict_logits(torch.zeros(1, 1, 40, 30))
+    assert logits.shape == (1, 4, 40, 30) and torch.all(logits[:, 1:] == NEGATIVE_LOGIT)
