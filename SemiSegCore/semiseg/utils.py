@@ -9,13 +9,28 @@ from pathlib import Path
 import numpy as np
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_temp(path: Path, suffix: str = "") -> Path:
+    """A temporary file beside ``path`` (same file system, so a rename replaces it atomically), with the usual
+    permissions for new files (mkstemp alone would leave it readable by its owner only)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=str(path.parent))
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
+    return Path(tmp)
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write a text file through a temporary file and a rename, so readers never see half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=str(path.parent))
+    tmp = make_temp(path)
     try:
-        with os.fdopen(fd, "w") as f:
+        with open(tmp, "w") as f:
             f.write(text)
         os.replace(tmp, path)
     finally:
@@ -29,9 +44,7 @@ def atomic_torch_save(obj, path: str | Path) -> Path:
     import torch
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=str(path.parent))
-    os.close(fd)
+    tmp = make_temp(path, ".pt")
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)

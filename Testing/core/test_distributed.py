@@ -98,3 +98,26 @@ def test_killed_two_process_run_resumes(tmp_path, la_dir, repo_dir):
     log = [json.loads(line) for line in open(run / "log.jsonl")]
     assert any(r["event"] == "resumed" and r["step"] == step for r in log) and log[-1]["event"] == "done", log
     assert torch.load(run / "checkpoints/last.pt", weights_only=False)["step"] == step + 2
+
+
+def test_two_process_pseudolabelling_writes_each_case_once(tmp_path, kvasir_dir, repo_dir):
+    images = tmp_path / "images"
+    images.mkdir()
+    for p in sorted((kvasir_dir / "images").iterdir())[:4]:
+        (images / p.name).symlink_to(p)
+    out = tmp_path / "pl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "semiseg.cli",
+           "pseudolabel", "--input", str(images), "--prompt-from-masks", str(kvasir_dir / "masks"), "--out", str(out),
+           "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(repo_dir / "SemiSegCore"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    masks = sorted(out.glob("*.png"))
+    assert [m.stem for m in masks] == sorted(p.stem for p in images.iterdir())
+    ranks = [json.load(open(m.with_suffix(".json")))["rank"] for m in masks]
+    assert sorted(ranks) == [0, 0, 1, 1]  # each case by exactly one rank, the work shared evenly
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
+    stamps = {m.name: m.stat().st_mtime_ns for m in masks}
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("0 written, 2 skipped") == 2, again.stdout
+    assert {m.name: m.stat().st_mtime_ns for m in sorted(out.glob("*.png"))} == stamps

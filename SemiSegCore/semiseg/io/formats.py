@@ -7,7 +7,6 @@ Writes are atomic (temporary file, then rename) and never replace an existing fi
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -173,10 +172,9 @@ def _atomic_target(path: Path, overwrite: bool) -> tuple[Path, Path]:
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: exists; refusing to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=_ext(path), dir=str(path.parent))
-    os.close(fd)
-    return path, Path(tmp)
+    from ..utils import make_temp
+
+    return path, make_temp(path, _ext(path))
 
 
 def write_image(img: Image, path: str | Path, overwrite: bool = False, segment_names: list[str] | None = None) -> Path:

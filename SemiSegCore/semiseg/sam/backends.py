@@ -126,10 +126,9 @@ def resolve_sam_checkpoint(model_type: str, checkpoint: str | Path | None = None
 
 
 def _download(info: CheckpointInfo, path: Path, where: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=str(path.parent))
-    os.close(fd)
-    tmp = Path(tmp)
+    from ..utils import make_temp
+
+    tmp = make_temp(path, ".pth")
     try:
         try:
             with urllib.request.urlopen(info.url, timeout=30) as src, open(tmp, "wb") as dst:

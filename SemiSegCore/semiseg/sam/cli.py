@@ -8,6 +8,7 @@ so an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -43,6 +44,12 @@ def add_pseudolabel_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def shard() -> tuple[int, int]:
+    """(rank, world size) under torchrun; (0, 1) otherwise. Sharding needs no process group: cases are split by
+    index, and each rank works alone."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _index_masks(folder: Path) -> dict[str, Path]:
     from ..io import case_id_from_path, is_image_file
 
@@ -71,16 +78,23 @@ def run_pseudolabel(args) -> int:
     if not cases:
         print(f"{args.input}: no images found", file=sys.stderr)
         return 2
+    rank, world = shard()
+    cases = cases[rank::world]  # under torchrun each rank writes its own share: every case exactly once
+    device = args.device
+    if world > 1 and device == "auto":
+        import torch
+
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
     masks = _index_masks(Path(args.prompt_from_masks)) if args.prompt_from_masks else None
     predictor = None
     if args.prompt_from_run:
         from ..infer import load_predictor
 
-        predictor = load_predictor(args.prompt_from_run, device=args.device)
+        predictor = load_predictor(args.prompt_from_run, device=device)
     engine = None
     written = skipped = failed = 0
     scores = []
-    for case in tqdm(cases, desc="pseudolabel", unit="case"):
+    for case in tqdm(cases, desc="pseudolabel" if world == 1 else f"pseudolabel rank {rank}", unit="case"):
         if output_path(out, case.id, is_2d_case(case)).exists():
             skipped += 1
             continue
@@ -95,7 +109,7 @@ def run_pseudolabel(args) -> int:
                 if mask.spatial_shape != image.spatial_shape:
                     raise ImageError(f"{mask.path}: shape {mask.spatial_shape} does not match image {case.image} "
                                      f"shape {image.spatial_shape}")
-            engine = engine or SamEngine(build_backend(args.backend, args.checkpoint, args.device, args.model_type),
+            engine = engine or SamEngine(build_backend(args.backend, args.checkpoint, device, args.model_type),
                                          batch_size=args.batch_size, multimask=args.multimask)
             if masks is not None:
                 result = pseudolabel_from_mask(engine, image, mask.array, axis=args.axis, padding=args.padding,
@@ -108,6 +122,8 @@ def run_pseudolabel(args) -> int:
                     n_neg=args.negative_points, padding=args.padding, intensity=args.intensity,
                     prompt_source=f"run:{Path(args.prompt_from_run).resolve()}")
                 result = PseudoLabel(image.with_array(label), score, prov)
+            if world > 1:
+                result.provenance["rank"] = rank
             result.write(out, case.id)
             scores.append(result.score)
             written += 1
