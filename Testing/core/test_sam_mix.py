@@ -101,31 +101,38 @@ def test_config_errors_name_the_key():
 
 
 def test_frozen_encoder_run_learns_and_reloads(tmp_path):
-    """Frozen encoder (cached embeddings): the loss on one repeated labelled slice falls; the checkpoint holds the
-    decoder and classifier but no encoder weights and reloads to the same prediction."""
+    """Frozen encoder (cached embeddings): a few real steps on one labelled slice lower its loss (reference box,
+    measured before and after); the checkpoint holds the decoder and classifier but no encoder weights and reloads
+    to the same prediction."""
     from semiseg.infer import load_predictor
     from semiseg.train.trainer import Trainer
 
     cfg = tiny_cfg("sam_mix.lora_rank=0", "sam_mix.labelled_slices=1", "sam_mix.train_prompt=gt",
-                   "sam_mix.box_jitter=0.0", "sam_mix.cls_batch=1", "train.lr=0.002", "train.iterations=8")
+                   "sam_mix.box_jitter=0.0", "sam_mix.cls_batch=1", "train.lr=0.0003", "train.iterations=5")
     trainer = Trainer(cfg, tmp_path / "run", quiet=True)
-    losses = []
-    for step in range(8):
-        trainer.method.on_step(trainer, step)
-        losses.append({k: float(v) for k, v in trainer.train_step().items()})
-        trainer.step += 1
     method = trainer.method
+    method.on_step(trainer, 0)
     assert len(method.seg_items) == 1 and len(method.cls_items) == trainer.labelled[0].image.shape[1]
-    assert np.mean([r["seg"] for r in losses[-3:]]) < np.mean([r["seg"] for r in losses[:3]])
-    trainer.save("last.pt")
-    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)["method"]
+    item = method.seg_items[0]
+
+    def seg_loss() -> float:
+        with torch.no_grad():
+            return float(method._seg_loss(method.embed(item.pixels[None]), [item], item.label[None]))
+
+    before = seg_loss()
+    for step in range(5):
+        method.on_step(trainer, step)
+        trainer.train_step()
+        trainer.step += 1
+    assert seg_loss() < before
+    trainer.save("best.pt")
+    state = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=False)["method"]
     assert not any(k.startswith("sam.image_encoder") for k in state)
     assert any(k.startswith("sam.mask_decoder") for k in state) and "classifier.fc1.weight" in state
-    (tmp_path / "run" / "checkpoints" / "last.pt").rename(tmp_path / "run" / "checkpoints" / "best.pt")
     case = trainer.val[0]
     method.eval()
     ours = trainer.predictor().predict_array(case.image[:, 4:5])  # one slice
-    again = load_predictor(tmp_path / "run", device="cpu").predict_array(case.image[:, 3:5])
+    again = load_predictor(tmp_path / "run", device="cpu").predict_array(case.image[:, 4:5])
     np.testing.assert_allclose(ours, again, atol=1e-5)
     assert ours.shape == (4, 1) + case.image.shape[2:]
 
@@ -159,4 +166,5 @@ def test_lora_step_trains_adapters_only_in_encoder(tmp_path):
     with torch.no_grad():
         m.classifier.fc2.bias.fill_(-50.0)
         logits = m.predict_logits(torch.zeros(1, 1, 40, 30))
-    assert logits.shape == (1, 4, 40, 30) and torch.all(logits[:, 1:] == NEGATIVE_LOGIT)
+    assert logits.shape == (1, 4, 40, 30)
+    torch.testing.assert_close(logits[:, 1:], torch.full_like(logits[:, 1:], NEGATIVE_LOGIT))
