@@ -12,7 +12,6 @@ from typing import Annotated
 
 import qt
 import slicer
-import vtk
 from slicer import (vtkMRMLMarkupsFiducialNode, vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode,
                     vtkMRMLSegmentationNode, vtkMRMLTableNode)
 from slicer.i18n import tr as _

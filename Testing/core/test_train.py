@@ -6,7 +6,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 import torch
 
 from semiseg.config import config_from_dict

@@ -77,8 +77,10 @@ class Trainer:
                                              t.foreground_crop, slice_axis=t.slice_axis, **share)
         wants_batches = self.method.uses_unlabelled_batches
         wants_batches = self.method.needs_unlabelled if wants_batches is None else wants_batches
-        self.unlabelled_sampler = (PatchSampler(self.unlabelled, t.patch_size, t.unlabelled_batch_size, seed + 500,
-                                                t.augment, slice_axis=t.slice_axis, **share) if self.unlabelled and wants_batches else None)
+        self.unlabelled_sampler = None
+        if self.unlabelled and wants_batches:
+            self.unlabelled_sampler = PatchSampler(self.unlabelled, t.patch_size, t.unlabelled_batch_size, seed + 500,
+                                                   t.augment, slice_axis=t.slice_axis, **share)
         self.model = dist.wrap(self.method, self.ctx)
         self.optimizer = self._optimizer()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
