@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .io import ImageError, case_id_from_path, is_image_file, read_label
+from .data.cases import index_by_id
+from .io import ImageError, read_label
 from .metrics import METRIC_NAMES, label_metrics, summarise
 from .utils import atomic_write_text
 
@@ -103,17 +104,11 @@ def evaluate_cases(predictor, cases, loaded, out_dir, label_names=None, quiet=Fa
     return summary
 
 
-def _index(folder: Path) -> dict[str, Path]:
-    if not folder.is_dir():
-        raise ImageError(f"{folder}: not a folder")
-    return {case_id_from_path(p): p for p in sorted(folder.iterdir()) if p.is_file() and is_image_file(p)}
-
-
 def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, out_dir: str | Path | None = None,
                      label_names=None, quiet=False) -> tuple[dict, list[dict]]:
     """Score every prediction in ``pred_dir`` against the reference with the same case id in ``ref_dir``."""
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
-    preds, refs = _index(pred_dir), _index(ref_dir)
+    preds, refs = index_by_id(pred_dir), index_by_id(ref_dir)
     common = sorted(set(preds) & set(refs))
     if not common:
         raise ImageError(f"{pred_dir}: no prediction matches a reference in {ref_dir} by case id")

@@ -45,7 +45,11 @@ class Manifest:
                 f"{len(self.test)} test")
 
 
-def _index_by_id(folder: Path) -> dict[str, Path]:
+def index_by_id(folder: str | Path) -> dict[str, Path]:
+    """Case id -> file for every image file in a folder (nnU-Net's ``_0000`` channel suffix dropped)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: folder not found")
     out = {}
     for p in sorted(folder.iterdir()):
         if p.is_file() and is_image_file(p):
@@ -81,8 +85,8 @@ def discover_cases(root: str | Path, layout: str = "auto") -> list[Case]:
         return _msd_cases(root)
     if layout == "folders":
         mask_dir = next((root / d for d in ("masks", "labels", "labelsTr") if (root / d).is_dir()), None)
-        images = _index_by_id(root / "images")
-        masks = _index_by_id(mask_dir) if mask_dir else {}
+        images = index_by_id(root / "images")
+        masks = index_by_id(mask_dir) if mask_dir else {}
         return [Case(cid, str(p), str(masks[cid]) if cid in masks else None) for cid, p in images.items()]
     if layout == "h5":
         files = sorted(root.glob("*.h5")) or sorted(root.glob("*/*.h5"))
@@ -90,7 +94,7 @@ def discover_cases(root: str | Path, layout: str = "auto") -> list[Case]:
     if layout == "file":
         return [Case(case_id_from_path(root), str(root))]
     if layout == "images":
-        return [Case(cid, str(p)) for cid, p in _index_by_id(root).items()]
+        return [Case(cid, str(p)) for cid, p in index_by_id(root).items()]
     raise ImageError(f"{root}: unknown dataset layout '{layout}'")
 
 
@@ -110,8 +114,8 @@ def _msd_cases(root: Path) -> list[Case]:
             img = root / (entry if isinstance(entry, str) else entry["image"])
             cases.append(Case(case_id_from_path(img), str(img)))
     if not cases:
-        images = _index_by_id(root / "imagesTr")
-        labels = _index_by_id(root / "labelsTr") if (root / "labelsTr").is_dir() else {}
+        images = index_by_id(root / "imagesTr")
+        labels = index_by_id(root / "labelsTr") if (root / "labelsTr").is_dir() else {}
         cases = [Case(cid, str(p), str(labels[cid]) if cid in labels else None) for cid, p in images.items()]
     return cases
 

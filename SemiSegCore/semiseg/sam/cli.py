@@ -50,23 +50,10 @@ def shard() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _index_masks(folder: Path) -> dict[str, Path]:
-    from ..io import case_id_from_path, is_image_file
-
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: mask folder not found")
-    out = {}
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and is_image_file(p):
-            cid = case_id_from_path(p)
-            out[cid[:-5] if cid.endswith("_0000") else cid] = p
-    return out
-
-
 def run_pseudolabel(args) -> int:
     from tqdm import tqdm
 
-    from ..data.cases import discover_cases, is_2d_case
+    from ..data.cases import discover_cases, index_by_id, is_2d_case
     from ..io import ImageError, read_image, read_label
     from .backends import build_backend
     from .engine import PseudoLabel, SamEngine, output_path, pseudolabel_from_mask, pseudolabel_from_probability
@@ -85,7 +72,7 @@ def run_pseudolabel(args) -> int:
         import torch
 
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
-    masks = _index_masks(Path(args.prompt_from_masks)) if args.prompt_from_masks else None
+    masks = index_by_id(args.prompt_from_masks) if args.prompt_from_masks else None
     predictor = None
     if args.prompt_from_run:
         from ..infer import load_predictor
