@@ -14,9 +14,11 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from .errors import SemiSegError
 
-class ConfigError(ValueError):
-    pass
+
+class ConfigError(SemiSegError, ValueError):
+    """A bad config value; the message names the key by its dotted path."""
 
 
 @dataclass
@@ -40,6 +42,11 @@ class DataConfig:
     """Count or fraction of the remaining cases used without labels; default: all of them."""
     seed: int = 0
     intensity: str = "none"  # none | zscore | minmax | percentile | rgb
+    target_spacing: Optional[Union[float, list]] = None
+    """Working resolution in mm (one value per axis, or one for all): images are resampled linearly and labels by
+    nearest neighbour on load; training, validation and SAM prompts use that grid, and predictions are resampled
+    back to each input's own grid before the argmax. None keeps every image's own grid. ``semiseg plan`` suggests
+    one."""
     max_cases: Optional[int] = None
     """Use only this many cases in total (a random subset, for quick runs)."""
     cache_dir: Optional[str] = None
@@ -49,7 +56,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "vnet"  # vnet | unet3d | unet2d | unetpp2d
+    name: str = "vnet"  # vnet | unet3d | unet2d | unetpp2d | strided_unet3d | strided_unet2d
     in_channels: int = 1
     features: int = 16
     dropout: float = 0.0
@@ -71,6 +78,12 @@ class TrainConfig:
     checkpoint_every: int = 100
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    init_from: Optional[str] = None
+    """Start from the network weights of another run (its directory, for ``best.pt``, or a checkpoint file); the
+    optimizer, schedule and step start afresh. Used to fine-tune a converged supervised model (knowledge mining's
+    warm start, and the "supervised, continued" baseline that gets the same extra iterations)."""
+    threads: int = 0
+    """CPU threads for torch (0: all cores of this machine)."""
     amp: bool = True
     """Mixed precision; only ever used on CUDA."""
     augment: bool = True
@@ -187,6 +200,44 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 SECTIONS = {"name", "method", "data", "model", "train", "infer"}
 
 
+AT_LEAST = {"data.num_classes": 2, "model.features": 1, "train.iterations": 1, "train.batch_size": 1,
+            "train.unlabelled_batch_size": 1, "train.val_every": 1, "train.checkpoint_every": 1, "infer.batch_size": 1}
+CHOICES = {"data.intensity": ("none", "zscore", "minmax", "percentile", "rgb"),
+           "model.norm": ("batch", "instance", "none"), "train.optimizer": ("sgd", "adam", "adamw"),
+           "train.schedule": ("poly", "constant", "cosine")}
+
+
+def check_values(cfg: Config) -> None:
+    """The value ranges and names that types alone do not catch; errors name the key."""
+    from .models import size_multiple
+
+    def get(key):
+        section, name = key.split(".")
+        return getattr(getattr(cfg, section), name)
+
+    for key, lowest in AT_LEAST.items():
+        if get(key) < lowest:
+            raise ConfigError(f"config key '{key}' must be >= {lowest}, got {get(key)}")
+    for key, names in CHOICES.items():
+        if get(key) not in names:
+            raise ConfigError(f"config key '{key}': unknown value '{get(key)}' ({', '.join(names)})")
+    t, i = cfg.train, cfg.infer
+    if not t.lr > 0:
+        raise ConfigError(f"config key 'train.lr' must be > 0, got {t.lr}")
+    if t.weight_decay < 0 or not 0 <= t.foreground_crop <= 1 or not 0 <= i.overlap < 1:
+        raise ConfigError(f"config keys 'train.weight_decay' (>= 0), 'train.foreground_crop' (0 to 1) and "
+                          f"'infer.overlap' (0 to below 1): got {t.weight_decay}, {t.foreground_crop}, {i.overlap}")
+    multiple = size_multiple(cfg.model.name)
+    for key in ("train.patch_size", "infer.patch_size"):
+        sizes = get(key)
+        if sizes is None:
+            continue
+        fits = all(isinstance(s, int) and s > 0 and s % multiple == 0 for s in sizes)
+        if len(sizes) != len(t.patch_size) or not fits:
+            raise ConfigError(f"config key '{key}' must be {len(t.patch_size)} sizes, each a multiple of {multiple} "
+                              f"(what model '{cfg.model.name}' needs), got {sizes}")
+
+
 def config_from_dict(raw: dict) -> Config:
     raw = dict(raw or {})
     method = raw.get("method", "supervised")
@@ -208,10 +259,21 @@ def config_from_dict(raw: dict) -> Config:
     from .methods import get_method_class
 
     get_method_class(method).params_from(params)  # validates the method section now, not mid-run
-    if cfg.model.name in ("vnet", "unet3d") and len(cfg.train.patch_size) != 3:
-        raise ConfigError(f"config key 'train.patch_size' must have 3 values for model '{cfg.model.name}'")
-    if cfg.model.name in ("unet2d", "unetpp2d") and len(cfg.train.patch_size) != 2:
-        raise ConfigError(f"config key 'train.patch_size' must have 2 values for model '{cfg.model.name}'")
+    from .models import MODEL_NAMES, spatial_dims_of
+
+    if cfg.model.name not in MODEL_NAMES:
+        raise ConfigError(f"config key 'model.name': unknown model '{cfg.model.name}' ({', '.join(MODEL_NAMES)})")
+    dims = spatial_dims_of(cfg.model.name)
+    if len(cfg.train.patch_size) != dims:
+        raise ConfigError(f"config key 'train.patch_size' must have {dims} values for model '{cfg.model.name}'")
+    if cfg.data.target_spacing is not None:
+        values = cfg.data.target_spacing
+        values = values if isinstance(values, list) else [values]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values):
+            raise ConfigError(f"config key 'data.target_spacing' must be positive millimetres, got {values}")
+    if cfg.train.threads < 0:
+        raise ConfigError(f"config key 'train.threads' must be >= 0 (0: all cores), got {cfg.train.threads}")
+    check_values(cfg)
     return cfg
 
 

@@ -57,7 +57,8 @@ def largest_component(labels: np.ndarray) -> np.ndarray:
 
 
 class Predictor:
-    """Runs a trained network on whole images: normalisation, sliding window, probabilities on the image's grid."""
+    """Runs a trained network on whole images: normalisation, resampling to the working grid
+    (``data.target_spacing``), sliding window, and probabilities resampled back to the image's own grid."""
 
     def __init__(self, net: Callable[[torch.Tensor], torch.Tensor], config, device, run_dir: str | None = None,
                  checkpoint: str | None = None):
@@ -72,36 +73,59 @@ class Predictor:
         return self.config.infer.patch_size or self.config.train.patch_size
 
     def prepare(self, image: Image) -> np.ndarray:
+        """The image as the network takes it: channels first, normalised, on the working grid."""
+        from .data.resample import resample_image, working_shape
+
         arr = to_channels_first(image)
         if arr.shape[0] != self.config.model.in_channels:
             raise ValueError(f"{image.path}: {arr.shape[0]} channel(s), the model expects "
                              f"{self.config.model.in_channels}")
         if arr.ndim - 1 not in (len(self.patch_size), len(self.patch_size) + 1):
             raise ValueError(f"{image.path}: a {arr.ndim - 1}D image, the model works on {len(self.patch_size)}D")
-        return normalise(arr, self.config.data.intensity).astype(np.float32)
+        arr = normalise(arr, self.config.data.intensity).astype(np.float32)
+        return resample_image(arr, working_shape(image.spatial_shape, image.spacing, self.config.data.target_spacing))
 
     def predict_array(self, arr: np.ndarray) -> np.ndarray:
-        """Probabilities (K, *spatial) for an already normalised channels-first array. A 3D volume given to a 2D
-        network is predicted slice by slice along ``train.slice_axis``."""
+        """Probabilities (K, *spatial) for an array already on the working grid (normalised, channels first). A 3D
+        volume given to a 2D network is predicted slice by slice along ``train.slice_axis``."""
+        from .models import size_multiple
+
+        multiple = size_multiple(self.config.model.name)
         if arr.ndim - 1 == len(self.patch_size) + 1:
             axis = self.config.train.slice_axis % (arr.ndim - 1) + 1
             stack = np.moveaxis(arr, axis, 0)  # (N, C, *2D)
             chunks = [sliding_window_probs(self.net, stack[i:i + 32], self.patch_size, self.config.infer.overlap,
-                                           self.device, 32, amp=self.config.train.amp)
+                                           self.device, 32, amp=self.config.train.amp, multiple=multiple)
                       for i in range(0, len(stack), 32)]
             return np.moveaxis(np.concatenate(chunks), 0, axis)
         return sliding_window_probs(self.net, arr, self.patch_size, self.config.infer.overlap, self.device,
-                                    self.config.infer.batch_size, amp=self.config.train.amp)
+                                    self.config.infer.batch_size, amp=self.config.train.amp, multiple=multiple)
 
     def predict(self, image: Image) -> np.ndarray:
-        return self.predict_array(self.prepare(image))
+        """Probabilities (K, *spatial) on the image's own grid."""
+        from .data.resample import resample_probabilities
+
+        return resample_probabilities(self.predict_array(self.prepare(image)), image.spatial_shape)
+
+    def predict_case(self, case) -> np.ndarray:
+        """Probabilities on the source grid of a loaded case (``semiseg.data.LoadedCase``, already on the working
+        grid)."""
+        from .data.resample import resample_probabilities
+
+        return resample_probabilities(self.predict_array(case.image), case.geometry.spatial_shape)
+
+    def labels_from(self, probs: np.ndarray) -> np.ndarray:
+        """Argmax and the configured clean-up (largest component per label)."""
+        labels = probs.argmax(0).astype(np.uint8)
+        return largest_component(labels) if self.config.infer.largest_component else labels
 
     def segment(self, image: Image) -> Image:
-        """Label map on the image's grid (argmax, optional largest-component clean-up)."""
-        labels = self.predict(image).argmax(0).astype(np.uint8)
-        if self.config.infer.largest_component:
-            labels = largest_component(labels)
-        return image.with_array(labels, path=None)
+        """Label map on the image's grid."""
+        return image.with_array(self.labels_from(self.predict(image)), path=None)
+
+    def segment_case(self, case) -> np.ndarray:
+        """Label map of a loaded case on its source grid, as ``semiseg predict`` would write it."""
+        return self.labels_from(self.predict_case(case))
 
 
 def find_checkpoint(run_dir: str | Path, which: str = "best") -> Path:
@@ -114,6 +138,7 @@ def find_checkpoint(run_dir: str | Path, which: str = "best") -> Path:
 
 def load_predictor(run_dir: str | Path, which: str = "best", device: str = "auto") -> Predictor:
     """The predictor of a run directory (``config.yaml`` + ``checkpoints/best.pt``, falling back to ``last.pt``)."""
+    from .checkpoint import load_checkpoint, restore
     from .config import load_config
     from .methods import build_method
     from .utils import pick_device
@@ -124,8 +149,8 @@ def load_predictor(run_dir: str | Path, which: str = "best", device: str = "auto
     cfg = load_config(run_dir / "config.yaml")
     dev = pick_device(device)
     ckpt = find_checkpoint(run_dir, which)
-    state = torch.load(ckpt, map_location=dev, weights_only=False)
+    state = load_checkpoint(ckpt, dev)
     method = build_method(cfg, dev)
-    method.load_state_dict(state["method"])
+    restore(method, state["method"], ckpt, cfg.model.name)
     method.eval()
     return Predictor(method.predict_logits, cfg, dev, run_dir=str(run_dir), checkpoint=str(ckpt))

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from .data.cases import index_by_id
 from .io import ImageError, read_label
 from .metrics import METRIC_NAMES, label_metrics, summarise
-from .utils import atomic_write_text
+from .utils import atomic_write_text, make_temp
 
 CSV_FIELDS = ["case", "label", "label_name"] + list(METRIC_NAMES)
 
@@ -44,8 +44,9 @@ def format_table(summary: dict, title: str = "") -> str:
     return "\n".join(lines)
 
 
-def write_report(rows: list[dict], out_dir: str | Path, title: str = "") -> dict:
-    """Write metrics.csv (one row per case and label), summary.json and metrics.png; return the summary."""
+def write_report(rows: list[dict], out_dir: str | Path, title: str = "", extra: dict | None = None) -> dict:
+    """Write metrics.csv (one row per case and label), summary.json (with ``extra`` keys) and metrics.png; return
+    the summary."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
@@ -58,6 +59,7 @@ def write_report(rows: list[dict], out_dir: str | Path, title: str = "") -> dict
     summary["n_cases"] = len({r["case"] for r in rows})
     label_of = {str(r["label"]): r.get("label_name", str(r["label"])) for r in rows}
     summary["label_names"] = label_of
+    summary.update(extra or {})
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1, allow_nan=True))
     plot_metrics(rows, out_dir / "metrics.png", title)
     return summary
@@ -80,41 +82,43 @@ def plot_metrics(rows: list[dict], path: Path, title: str = "") -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(title or f"{len({r['case'] for r in rows})} cases")
     fig.tight_layout()
-    tmp = path.with_name(".tmp-" + path.name)
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    tmp.replace(path)
+    tmp = make_temp(path, ".png")  # a unique name: two writers never share a temporary file
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        tmp.replace(path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
 
 
-def evaluate_cases(predictor, cases, loaded, out_dir, label_names=None, quiet=False) -> dict:
-    """Predict the given (already loaded) cases, score them against their labels and write the report."""
+def evaluate_cases(predictor, cases, loaded, out_dir, label_names=None, quiet=False, split: str = "validation") -> dict:
+    """Predict the given (already loaded) cases on their source grids, score them against their labels and write
+    the report."""
     labels = list(range(1, predictor.config.data.num_classes))
     rows = []
-    for case, lc in tqdm(list(zip(cases, loaded)), desc="evaluating", disable=quiet, leave=False):
-        pred = predictor.predict_array(lc.image).argmax(0)
-        if predictor.config.infer.largest_component:
-            from .infer import largest_component
-
-            pred = largest_component(pred)
-        rows.append(case_rows(case.id, pred, lc.label, lc.geometry.spacing, labels, label_names))
+    for case, lc in tqdm(list(zip(cases, loaded)), desc=f"evaluating ({split})", disable=quiet, leave=False):
+        pred = predictor.segment_case(lc)
+        rows.append(case_rows(case.id, pred, lc.reference, lc.geometry.spacing, labels, label_names))
     flat = [r for rs in rows for r in rs]
-    summary = write_report(flat, out_dir, title=f"{predictor.config.name}: validation")
+    summary = write_report(flat, out_dir, title=f"{predictor.config.name}: {split}", extra={"split": split})
     if not quiet:
-        print(format_table(summary, f"{predictor.config.name}: {len(cases)} validation cases"))
+        print(format_table(summary, f"{predictor.config.name}: {len(cases)} {split} cases"))
     return summary
 
 
 def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, out_dir: str | Path | None = None,
-                     label_names=None, quiet=False) -> tuple[dict, list[dict]]:
-    """Score every prediction in ``pred_dir`` against the reference with the same case id in ``ref_dir``."""
+                     label_names=None, quiet=False, allow_missing=False) -> tuple[dict, list[dict]]:
+    """Score every prediction in ``pred_dir`` against the reference with the same case id in ``ref_dir``. A reference
+    without a prediction is an error unless ``allow_missing``; the summary lists such cases under ``missing``."""
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     preds, refs = index_by_id(pred_dir), index_by_id(ref_dir)
     common = sorted(set(preds) & set(refs))
     if not common:
         raise ImageError(f"{pred_dir}: no prediction matches a reference in {ref_dir} by case id")
     missing = sorted(set(refs) - set(preds))
-    if missing and not quiet:
-        print(f"warning: {len(missing)} reference case(s) have no prediction (e.g. {missing[0]}); they are left out")
+    if missing and not allow_missing:
+        raise ImageError(f"{pred_dir}: no prediction for {len(missing)} of the {len(refs)} reference cases in {ref_dir}"
+                         f" (e.g. {missing[0]}); pass --allow-missing to score the others")
     pairs = []
     for cid in tqdm(common, desc="reading", disable=quiet, leave=False):
         pred, ref = read_label(preds[cid]), read_label(refs[cid])
@@ -124,15 +128,18 @@ def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, out_dir: str | P
         if pred.spatial_ndim == 3:
             ref.check_same_grid(pred)
         pairs.append((cid, pred, ref))
-    # every label present in any reference is scored in every case (so "correctly absent" counts too)
-    labels = sorted({int(v) for _, _, ref in pairs for v in np.unique(ref.array) if v != 0})
+    # every label present in any reference (or named) is scored in every case, so "correctly absent" counts too;
+    # with no foreground anywhere, label 1 is scored (both empty: Dice 1)
+    named = {int(k) for k in (label_names or {}) if int(k) != 0}
+    labels = sorted({int(v) for _, _, ref in pairs for v in np.unique(ref.array) if v != 0} | named) or [1]
     rows = []
     for cid, pred, ref in tqdm(pairs, desc="evaluating", disable=quiet, leave=False):
         extra = sorted(int(v) for v in np.unique(pred.array) if v != 0 and int(v) not in labels)
         rows.extend(case_rows(cid, pred.array, ref.array, ref.spacing, labels + extra, label_names))
     if out_dir:
-        summary = write_report(rows, out_dir, title=f"{pred_dir.name} vs {ref_dir.name}")
+        summary = write_report(rows, out_dir, title=f"{pred_dir.name} vs {ref_dir.name}", extra={"missing": missing})
     else:
         summary = summarise(rows)
         summary["label_names"] = {str(r["label"]): r["label_name"] for r in rows}
+        summary["missing"] = missing
     return summary, rows

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +26,23 @@ def make_temp(path: Path, suffix: str = "") -> Path:
     return Path(tmp)
 
 
+@contextmanager
+def naming(path: str | Path):
+    """Re-raise an OSError of writing ``path`` with the path in it (a full disk says only "No space left")."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write a text file through a temporary file and a rename, so readers never see half a file."""
     path = Path(path)
     tmp = make_temp(path)
     try:
-        with open(tmp, "w") as f:
+        with naming(path), open(tmp, "w") as f:
             f.write(text)
         os.replace(tmp, path)
     finally:
@@ -46,7 +58,8 @@ def atomic_torch_save(obj, path: str | Path) -> Path:
     path = Path(path)
     tmp = make_temp(path, ".pt")
     try:
-        torch.save(obj, tmp)
+        with naming(path), open(tmp, "wb") as f:  # a file object: write errors come back as OSError
+            torch.save(obj, f)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -60,8 +73,20 @@ def pick_device(name: str = "auto"):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device '{name}' was asked for but CUDA is not available on this machine")
+        from .errors import SemiSegError
+
+        raise SemiSegError(f"device '{name}' was asked for but CUDA is not available on this machine")
     return torch.device(name)
+
+
+def set_threads(threads: int = 0, processes: int = 1) -> int:
+    """The one place that sets torch's CPU thread count: ``threads``, or (0) this machine's cores shared by the
+    ``processes`` of a torchrun job. Returns the count set."""
+    import torch
+
+    n = threads or max(1, (os.cpu_count() or 1) // max(processes, 1))
+    torch.set_num_threads(n)
+    return n
 
 
 def seed_everything(seed: int) -> None:

@@ -113,6 +113,9 @@ def _msd_cases(root: Path) -> list[Case]:
         for entry in meta.get("test", []):
             img = root / (entry if isinstance(entry, str) else entry["image"])
             cases.append(Case(case_id_from_path(img), str(img)))
+        missing = [p for c in cases for p in (c.image, c.label) if p and not Path(p).is_file()]
+        if missing:
+            raise ImageError(f"{ds}: {len(missing)} listed file(s) not found, e.g. {missing[0]}")
     if not cases:
         images = index_by_id(root / "imagesTr")
         labels = index_by_id(root / "labelsTr") if (root / "labelsTr").is_dir() else {}
@@ -217,9 +220,13 @@ def normalise(arr: np.ndarray, mode: str) -> np.ndarray:
 @dataclass
 class LoadedCase:
     id: str
-    image: np.ndarray  # (C, *spatial) float32, normalised
-    label: np.ndarray | None  # (*spatial) integer
-    geometry: Image  # the source image (its array is not kept), for writing results on the same grid
+    image: np.ndarray  # (C, *spatial) float32, normalised, on the working grid
+    label: np.ndarray | None  # (*spatial) integer, on the working grid
+    geometry: Image  # the source image's grid (its array is not kept), for writing and scoring results
+    reference: np.ndarray | None = None
+    """The label on the source grid, for scoring (the same array as ``label`` when no resampling happened)."""
+    grid: Image | None = None
+    """The working grid (``data.target_spacing``); the source grid when there is no resampling."""
 
 
 def grid_of(img: Image) -> Image:
@@ -242,18 +249,25 @@ def check_label(label: Image, image: Image, num_classes: int) -> None:
 
 
 def load_case(case: Case, intensity: str, num_classes: int, with_label: bool = True,
-              label_path: str | None = None) -> LoadedCase:
-    """Read, validate and normalise one case. ``label_path`` overrides the case's label (e.g. a reference)."""
+              label_path: str | None = None, target_spacing=None) -> LoadedCase:
+    """Read, validate and normalise one case, resampled to ``target_spacing`` (mm; None keeps the source grid):
+    the image linearly, the label by nearest neighbour. ``label_path`` overrides the case's label (e.g. a
+    reference)."""
+    from .resample import resample_image, resample_label, resampled_grid, working_shape
+
     img = read_image(case.image, h5_key="image")
-    label = None
+    native = None
     path = label_path or (case.label if with_label else None)
     if path:
         lab = read_label(path, h5_key="label")
         check_label(lab, img, num_classes)
-        label = lab.array.astype(np.int64)
-    arr = normalise(to_channels_first(img), intensity)
+        native = lab.array.astype(np.int64)
     geometry = grid_of(img)
-    return LoadedCase(case.id, arr.astype(np.float32), label, geometry)
+    shape = working_shape(img.spatial_shape, img.spacing, target_spacing)
+    arr = resample_image(normalise(to_channels_first(img), intensity).astype(np.float32), shape)
+    label = None if native is None else resample_label(native, shape)
+    grid = geometry if shape == img.spatial_shape else resampled_grid(geometry, shape)
+    return LoadedCase(case.id, arr, label, geometry, reference=native, grid=grid)
 
 
 def is_2d_case(case: Case) -> bool:

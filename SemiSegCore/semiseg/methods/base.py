@@ -61,5 +61,16 @@ class Method(nn.Module):
         (sliding-window Dice on the trainer's validation cases). Methods over several datasets override it."""
         return None
 
+    def load_initial_weights(self, state: dict, source: str) -> int:
+        """Copy every tensor of another method's ``state_dict`` whose name and shape match ours (e.g. a supervised
+        run's ``net.*`` into knowledge mining's ``net``); returns how many. An error when nothing matches."""
+        own = self.state_dict()
+        matched = {k: v for k, v in state.items() if k in own and hasattr(v, "shape") and v.shape == own[k].shape}
+        if not matched:
+            raise ValueError(f"{source}: no network weights match this run's '{self.cfg.model.name}' network "
+                             f"(was it trained with another model.name or model.features?)")
+        self.load_state_dict(matched, strict=False)
+        return len(matched)
+
     def parameter_groups(self) -> list[dict]:
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]

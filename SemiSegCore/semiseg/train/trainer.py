@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -17,14 +18,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..config import Config, save_config
+from ..checkpoint import load_checkpoint, restore
+from ..config import Config, ConfigError, save_config
 from ..data.cases import LoadedCase, Manifest, dataset_labels, discover_cases, load_case, make_manifest
 from ..data.sampling import PatchSampler
-from ..infer import Predictor, largest_component
+from ..errors import TrainingError
+from ..infer import Predictor
 from ..methods import build_method
 from ..metrics import dice_score
-from ..utils import atomic_torch_save, atomic_write_text, device_name, pick_device, seed_everything
+from ..utils import atomic_torch_save, atomic_write_text, device_name, naming, pick_device, seed_everything, set_threads
 from . import distributed as dist
+from .rundir import RunLock, prepare_run_dir
+
+STOP_FILE = "STOP"
+"""Creating ``<run>/STOP`` asks a running trainer to save ``last.pt`` and stop (polled every step)."""
 
 
 class JsonlLog:
@@ -36,12 +43,13 @@ class JsonlLog:
         if not self.enabled:
             return
         record.setdefault("time", time.time())
-        with open(self.path, "a") as f:
+        with naming(self.path), open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
 
 def load_cases(cases, cfg: Config, with_label: bool, desc: str, quiet: bool = False) -> list[LoadedCase]:
-    return [load_case(c, cfg.data.intensity, cfg.data.num_classes, with_label=with_label)
+    return [load_case(c, cfg.data.intensity, cfg.data.num_classes, with_label=with_label,
+                      target_spacing=cfg.data.target_spacing)
             for c in tqdm(cases, desc=f"loading {desc}", leave=False, disable=quiet or not cases)]
 
 
@@ -53,8 +61,10 @@ class Trainer:
         self.is_main = self.ctx.rank == 0
         self.quiet = quiet or not self.is_main
         self.device = self.ctx.device or pick_device(cfg.train.device)
+        set_threads(cfg.train.threads, self.ctx.world_size)
         self.amp = cfg.train.amp and self.device.type == "cuda"
         self.stop_requested = False
+        self.stop_signal: int | None = None
         self.ckpt_dir = self.run_dir / "checkpoints"
         if self.is_main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -67,10 +77,10 @@ class Trainer:
         self.unlabelled = (load_cases(self.manifest.unlabelled, cfg, False, "unlabelled", self.quiet)
                            if self.method.needs_unlabelled else [])
         if not self.labelled:
-            raise ValueError(f"{cfg.data.root}: no labelled training cases ({self.manifest.summary()})")
+            raise ConfigError(f"{cfg.data.root}: no labelled training cases ({self.manifest.summary()})")
         if self.method.needs_unlabelled and not self.unlabelled:
-            raise ValueError(f"method '{cfg.method}' needs unlabelled cases but the split has none "
-                             f"({self.manifest.summary()})")
+            raise ConfigError(f"method '{cfg.method}' needs unlabelled cases but the split has none "
+                              f"({self.manifest.summary()})")
         t = cfg.train
         seed, share = t.seed * 1000, {"rank": self.ctx.rank, "world_size": self.ctx.world_size}
         self.labelled_sampler = PatchSampler(self.labelled, t.patch_size, t.batch_size, seed, t.augment,
@@ -133,12 +143,26 @@ class Trainer:
         if self.is_main:
             atomic_torch_save(self.state(), self.ckpt_dir / name)
 
+    def init_weights(self) -> None:
+        """``train.init_from``: the network weights of another run or checkpoint (fresh optimizer and schedule)."""
+        from ..infer import find_checkpoint
+
+        source = Path(self.cfg.train.init_from)
+        path = find_checkpoint(source) if source.is_dir() else source
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: train.init_from checkpoint not found")
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        n = self.method.load_initial_weights(state["method"], str(path))
+        self.log.write(event="init_from", checkpoint=str(path), tensors=n)
+
     def try_resume(self) -> bool:
         path = self.ckpt_dir / "last.pt"
         if not path.exists():
+            if self.cfg.train.init_from:
+                self.init_weights()
             return False
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        self.method.load_state_dict(state["method"])
+        state = load_checkpoint(path, self.device)
+        restore(self.method, state["method"], path, self.cfg.model.name)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
@@ -160,11 +184,9 @@ class Trainer:
         pred = self.predictor()
         per_label: dict[int, list[float]] = {k: [] for k in range(1, self.cfg.data.num_classes)}
         for case in self.val:
-            labels = pred.predict_array(case.image).argmax(0)
-            if self.cfg.infer.largest_component:
-                labels = largest_component(labels)
+            labels = pred.segment_case(case)  # on the source grid, as `semiseg predict` writes it
             for k in per_label:
-                per_label[k].append(dice_score(labels == k, case.label == k))
+                per_label[k].append(dice_score(labels == k, case.reference == k))
         self.method.train()
         means = {k: float(np.mean(v)) for k, v in per_label.items() if v}
         return {"dice": float(np.mean(list(means.values()))) if means else float("nan"),
@@ -174,6 +196,7 @@ class Trainer:
     def _install_signal_handlers(self):
         def request_stop(signum, frame):
             self.stop_requested = True
+            self.stop_signal = signum
 
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         for s in previous:
@@ -196,10 +219,12 @@ class Trainer:
         t0 = time.time()
         try:
             while self.step < t.iterations:
-                if dist.any_rank(self.stop_requested, self.ctx):
+                stop_file = self.run_dir / STOP_FILE  # another way to stop: works where signals do not reach
+                if dist.any_rank(self.stop_requested or stop_file.exists(), self.ctx):
                     self.save("last.pt")
                     self.log.write(event="stopped", step=self.step)
-                    return {"stopped": True, "step": self.step}
+                    stop_file.unlink(missing_ok=True)  # so that resuming is not stopped again
+                    return {"stopped": True, "step": self.step, "signal": self.stop_signal}
                 self.method.on_step(self, self.step)
                 losses = self.train_step()
                 self.step += 1
@@ -242,7 +267,9 @@ class Trainer:
             losses = self.model(labelled, unlabelled, self.step)
         loss = losses["loss"]
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {self.step}: lower train.lr or check the data")
+            cases = labelled.case_ids + (unlabelled.case_ids if unlabelled is not None else [])
+            raise TrainingError(f"loss is {loss.item()} at step {self.step + 1} (batch of cases {', '.join(cases)}): "
+                                f"lower train.lr or check these cases")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -250,18 +277,39 @@ class Trainer:
         return {k: v.detach() for k, v in losses.items()}
 
 
-def train(cfg: Config, run_dir: str | Path, quiet: bool = False, evaluate_val: bool = True) -> dict:
-    """Train (or resume) a run and, at the end, evaluate the best checkpoint on the validation split."""
+def train(cfg: Config, run_dir: str | Path, quiet: bool = False, evaluate_val: bool = True,
+          force_new: bool = False) -> dict:
+    """Train (or resume) a run in ``run_dir``, locked against other processes for the whole run, after checking it
+    (see ``rundir.prepare_run_dir``; ``force_new`` moves an existing run aside and starts over)."""
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 locks and prepares; the others meet it at setup
+        return _train(cfg, run_dir, quiet, evaluate_val)
+    with RunLock(run_dir):
+        changed = prepare_run_dir(cfg, run_dir, force_new)
+        if changed:
+            JsonlLog(Path(run_dir) / "log.jsonl").write(event="config_changed", keys=changed)
+        return _train(cfg, run_dir, quiet, evaluate_val)
+
+
+def _train(cfg: Config, run_dir: str | Path, quiet: bool = False, evaluate_val: bool = True) -> dict:
+    """Train (or resume) a run and, at the end, evaluate the best checkpoint on the validation split (the report in
+    the run directory) and on the test split, if the manifest has one (``<run>/test/``: cases that neither
+    training nor the choice of ``best.pt`` saw)."""
     trainer = Trainer(cfg, run_dir, quiet=quiet)
     result = trainer.fit()
-    if not result["stopped"] and evaluate_val and trainer.is_main and trainer.val:
+    if not result["stopped"] and evaluate_val and trainer.is_main and (trainer.val or trainer.manifest.test):
         from ..report import evaluate_cases
 
-        best = torch.load(trainer.ckpt_dir / "best.pt", map_location=trainer.device, weights_only=False)
-        trainer.method.load_state_dict(best["method"])
+        best = load_checkpoint(trainer.ckpt_dir / "best.pt", trainer.device)
+        restore(trainer.method, best["method"], trainer.ckpt_dir / "best.pt", cfg.model.name)
         trainer.method.eval()
         names = cfg.data.labels or dataset_labels(cfg.data.root)
-        result["summary"] = evaluate_cases(trainer.predictor(), trainer.manifest.val[: cfg.train.val_max_cases],
-                                           trainer.val, trainer.run_dir, label_names=names, quiet=quiet)
+        predictor = trainer.predictor()
+        if trainer.val:
+            result["summary"] = evaluate_cases(predictor, trainer.manifest.val[: cfg.train.val_max_cases],
+                                               trainer.val, trainer.run_dir, label_names=names, quiet=quiet)
+        if trainer.manifest.test:
+            test = load_cases(trainer.manifest.test, cfg, True, "test", trainer.quiet)
+            result["test_summary"] = evaluate_cases(predictor, trainer.manifest.test, test, trainer.run_dir / "test",
+                                                    label_names=names, quiet=quiet, split="test")
     dist.cleanup(trainer.ctx)
     return result
