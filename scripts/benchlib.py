@@ -1,12 +1,23 @@
-"""Shared by the bench_* scripts: run one setting into runs/<bench>/<setting>/ (skipping finished ones, resuming
-interrupted ones), collect its validation summary and time, and print one table with the machine's name."""
+"""Shared by the bench_* scripts: run settings into runs/<bench>/<setting>/[seed<k>/] (skipping finished ones,
+resuming interrupted ones), over several seeds and in parallel processes, collect their test-split summaries and
+times, compare a method with its baseline case by case, and print one table with the machine's name.
+
+Protocol: every setting of a benchmark uses the same data split (``data.seed``): validation cases choose
+``best.pt``, test cases are scored only once, at the end. A seed changes the network initialisation and the patch
+sampling (``train.seed``). The paired difference of a method and its baseline is taken per test case (averaged over
+seeds) with a 95% t-interval over cases.
+"""
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
+import os
+import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,6 +36,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="*", help="run only these settings")
     p.add_argument("--rerun", action="store_true", help="train again even where a finished run exists")
     p.add_argument("--runs", default=str(REPO / "runs"), help="parent of runs/<bench>/<setting>")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default: 0 1 2)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once, one process each, the CPU cores shared among them")
     return p
 
 
@@ -37,32 +51,161 @@ def finished(run_dir: Path) -> bool:
 
 
 def run_setting(bench: str, setting: str, raw_config: dict, overrides: list[str], runs: str | Path,
-                rerun: bool = False) -> dict:
-    """Train one setting (or reuse a finished run) and return its summary, minutes and run directory."""
+                rerun: bool = False, seed: int | None = None) -> dict:
+    """Train one setting (or reuse a finished run) and return its summaries, minutes and run directory. With a
+    ``seed`` the run goes to ``<setting>/seed<k>/`` and trains with ``train.seed=k``."""
     from semiseg.train import train
 
     run_dir = Path(runs) / bench / setting
+    if seed is not None:
+        run_dir = run_dir / f"seed{seed}"
+        overrides = overrides + [f"train.seed={seed}"]
     if finished(run_dir) and not rerun:
-        info = json.loads((run_dir / "bench.json").read_text())
-        info["summary"] = json.loads((run_dir / "summary.json").read_text())
-        info["reused"] = True
-        return info
+        return read_run(run_dir)
     if rerun and run_dir.exists():
         import shutil
 
         shutil.rmtree(run_dir)
     raw = apply_overrides(json.loads(json.dumps(raw_config)), overrides + [f"name={setting}"])
     cfg = config_from_dict(raw)
-    t0 = time.time()
+    t0, load0 = time.time(), os.getloadavg()[0]
     result = train(cfg, run_dir, quiet=True)
     if result.get("stopped"):
         raise SystemExit(f"{setting}: stopped at step {result['step']}; run the benchmark again to resume")
     minutes = (time.time() - t0) / 60
-    info = {"setting": setting, "minutes": round(minutes, 2), "run_dir": str(run_dir),
-            "labelled": _count_labelled(run_dir), "device": device_name(pick_device(cfg.train.device))}
+    info = {"setting": setting, "seed": seed, "minutes": round(minutes, 2), "run_dir": str(run_dir),
+            "labelled": _count_labelled(run_dir), "device": device_name(pick_device(cfg.train.device)),
+            "threads": cfg.train.threads or os.cpu_count(), "iterations": cfg.train.iterations,
+            "load_average": [round(load0, 2), round(os.getloadavg()[0], 2)]}
     (run_dir / "bench.json").write_text(json.dumps(info, indent=1))
+    return read_run(run_dir)
+
+
+def read_run(run_dir: Path) -> dict:
+    """A finished run's bench.json plus its validation summary and, when it has a test split, the test summary and
+    per-case test rows."""
+    info = json.loads((run_dir / "bench.json").read_text())
     info["summary"] = json.loads((run_dir / "summary.json").read_text())
+    test = run_dir / "test"
+    if (test / "summary.json").exists():
+        info["test_summary"] = json.loads((test / "summary.json").read_text())
+        with open(test / "metrics.csv") as f:
+            info["test_rows"] = list(csv.DictReader(f))
     return info
+
+
+@dataclass
+class Setting:
+    """One setting of a benchmark: a config and its overrides; ``init_from`` names the setting whose run (same
+    seed) gives the starting weights (a warm start), which must finish first."""
+    name: str
+    raw: dict
+    overrides: list[str] = field(default_factory=list)
+    init_from: str | None = None
+
+
+def run_settings(bench: str, settings: list[Setting], args) -> dict[str, list[dict]]:
+    """Run every (setting, seed), ``args.jobs`` at a time in child processes (threads shared out), honouring warm
+    starts; return setting -> one info per seed."""
+    todo = [(s, seed) for s in settings for seed in args.seeds if not args.only or s.name in args.only]
+    jobs = max(1, args.jobs)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    by_name = {s.name: s for s in settings}
+
+    def run_dir(name, seed):
+        return Path(args.runs) / bench / name / f"seed{seed}"
+
+    def overrides(s, seed):
+        extra = [f"train.threads={threads}"]
+        if s.init_from:
+            extra.append(f"train.init_from={run_dir(s.init_from, seed)}")
+        return s.overrides + extra
+
+    def ready(s, seed):
+        return s.init_from is None or finished(run_dir(s.init_from, seed))
+
+    running: list[tuple[subprocess.Popen, str]] = []
+    pending = [(s, seed) for s, seed in todo if args.rerun or not finished(run_dir(s.name, seed))]
+    while pending or running:
+        for item in list(pending):
+            s, seed = item
+            if len(running) >= jobs or not ready(s, seed):
+                continue
+            if s.init_from and s.init_from not in by_name:
+                raise SystemExit(f"{s.name}: init_from names an unknown setting '{s.init_from}'")
+            spec = {"bench": bench, "setting": s.name, "raw": s.raw, "overrides": overrides(s, seed),
+                    "runs": args.runs, "rerun": args.rerun, "seed": seed}
+            print(f"[{time.strftime('%H:%M:%S')}] start {s.name} seed {seed} ({threads} thread(s), "
+                  f"load {os.getloadavg()[0]:.1f})", flush=True)
+            proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)])
+            running.append((proc, f"{s.name} seed {seed}"))
+            pending.remove(item)
+        if not running:
+            missing = ", ".join(f"{s.init_from} seed {seed}" for s, seed in pending)
+            raise SystemExit(f"cannot start: warm-start runs missing ({missing}); run those settings too")
+        time.sleep(2)
+        for proc, label in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, label))
+                if proc.returncode != 0:
+                    raise SystemExit(f"{label} failed (exit {proc.returncode})")
+                print(f"[{time.strftime('%H:%M:%S')}] done {label}", flush=True)
+    return {s.name: [read_run(run_dir(s.name, seed)) for seed in args.seeds]
+            for s in settings if not args.only or s.name in args.only}
+
+
+def _worker(spec: dict) -> None:
+    run_setting(spec["bench"], spec["setting"], spec["raw"], spec["overrides"], spec["runs"], spec["rerun"],
+                spec["seed"])
+
+
+# -- statistics --------------------------------------------------------------------------------------------------
+def case_values(info: dict, metric_name: str = "dice", label: str = "1") -> dict[str, float]:
+    """Test case -> value of one metric for one label."""
+    return {r["case"]: float(r[metric_name]) for r in info["test_rows"] if str(r["label"]) == str(label)}
+
+
+def over_seeds(infos: list[dict], metric_name: str = "dice", label: str | None = None) -> tuple[float, float]:
+    """Mean and standard deviation over seeds of the test-split mean."""
+    values = [metric(i["test_summary"], metric_name, label) for i in infos]
+    return float(sum(values) / len(values)), float(_std(values))
+
+
+def paired_difference(method: list[dict], baseline: list[dict], metric_name: str = "dice",
+                      label: str = "1") -> dict:
+    """Per test case, the method's value minus the baseline's (each averaged over seeds); mean, 95% t-interval and
+    the number of cases (those defined in every run)."""
+    from scipy import stats
+
+    def averaged(infos):
+        per_seed = [case_values(i, metric_name, label) for i in infos]
+        cases = set.intersection(*(set(k for k, v in d.items() if not math.isnan(v)) for d in per_seed))
+        return {c: sum(d[c] for d in per_seed) / len(per_seed) for c in cases}
+
+    m, b = averaged(method), averaged(baseline)
+    cases = sorted(set(m) & set(b))
+    diffs = [m[c] - b[c] for c in cases]
+    n = len(diffs)
+    mean = sum(diffs) / n if n else float("nan")
+    half = float(stats.t.ppf(0.975, n - 1) * _std(diffs) / math.sqrt(n)) if n > 1 else float("nan")
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+
+
+def _std(values: list[float]) -> float:
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mu = sum(values) / n
+    return math.sqrt(sum((v - mu) ** 2 for v in values) / (n - 1))
+
+
+def pm(mean_std: tuple[float, float], digits: int = 3) -> str:
+    return f"{mean_std[0]:.{digits}f} ± {mean_std[1]:.{digits}f}"
+
+
+def interval(d: dict, scale: float = 100.0) -> str:
+    """A paired difference in points (Dice x 100) with its interval."""
+    return f"{scale * d['mean']:+.2f} [{scale * d['low']:+.2f}, {scale * d['high']:+.2f}]"
 
 
 def _count_labelled(run_dir: Path) -> int:
@@ -90,3 +233,7 @@ def print_table(title: str, columns: list[str], rows: list[list], device: str) -
     text = "\n".join(lines)
     print(text)
     return text
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":
+    _worker(json.loads(sys.argv[2]))
