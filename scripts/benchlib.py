@@ -97,25 +97,30 @@ def read_run(run_dir: Path) -> dict:
 @dataclass
 class Setting:
     """One setting of a benchmark: a config and its overrides; ``init_from`` names the setting whose run (same
-    seed) gives the starting weights (a warm start), which must finish first."""
+    seed) gives the starting weights (a warm start), which must finish first. ``bench`` puts the setting's runs
+    under another benchmark's folder (a baseline shared by two benchmarks is trained once)."""
     name: str
     raw: dict
     overrides: list[str] = field(default_factory=list)
     init_from: str | None = None
+    bench: str | None = None
 
 
 def run_settings(bench: str, settings: list[Setting], args) -> dict[str, list[dict]]:
     """Run every (setting, seed), ``args.jobs`` at a time in child processes (threads shared out), honouring warm
     starts; return setting -> one info per seed."""
-    todo = [(s, seed) for s in settings for seed in args.seeds if not args.only or s.name in args.only]
+    wanted = [s for s in settings if not args.only or s.name in args.only]
+    todo = [(s, seed) for s in wanted for seed in args.seeds]
     jobs = max(1, args.jobs)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
     by_name = {s.name: s for s in settings}
+    for s in settings:
+        if s.init_from and s.init_from not in by_name:
+            raise SystemExit(f"{s.name}: init_from names an unknown setting '{s.init_from}'")
 
     def run_dir(name, seed):
-        return Path(args.runs) / bench / name / f"seed{seed}"
+        return Path(args.runs) / (by_name[name].bench or bench) / name / f"seed{seed}"
 
-    def overrides(s, seed):
+    def overrides(s, seed, threads):
         extra = [f"train.threads={threads}"]
         if s.init_from:
             extra.append(f"train.init_from={run_dir(s.init_from, seed)}")
@@ -131,27 +136,54 @@ def run_settings(bench: str, settings: list[Setting], args) -> dict[str, list[di
             s, seed = item
             if len(running) >= jobs or not ready(s, seed):
                 continue
-            if s.init_from and s.init_from not in by_name:
-                raise SystemExit(f"{s.name}: init_from names an unknown setting '{s.init_from}'")
-            spec = {"bench": bench, "setting": s.name, "raw": s.raw, "overrides": overrides(s, seed),
+            at_once = min(jobs, len(running) + sum(ready(*p) for p in pending))  # cores shared by these
+            threads = max(1, (os.cpu_count() or 1) // at_once)
+            spec = {"bench": s.bench or bench, "setting": s.name, "raw": s.raw,
+                    "overrides": overrides(s, seed, threads),
                     "runs": args.runs, "rerun": args.rerun, "seed": seed}
             print(f"[{time.strftime('%H:%M:%S')}] start {s.name} seed {seed} ({threads} thread(s), "
                   f"load {os.getloadavg()[0]:.1f})", flush=True)
             proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)])
-            running.append((proc, f"{s.name} seed {seed}"))
+            running.append((proc, f"{s.name} seed {seed}", run_dir(s.name, seed)))
             pending.remove(item)
         if not running:
             missing = ", ".join(f"{s.init_from} seed {seed}" for s, seed in pending)
             raise SystemExit(f"cannot start: warm-start runs missing ({missing}); run those settings too")
-        time.sleep(2)
-        for proc, label in list(running):
+        for _ in range(15):  # poll every 2 s, report progress every 30 s
+            time.sleep(2)
+            if any(proc.poll() is not None for proc, _, _ in running):
+                break
+        else:
+            print(f"[{time.strftime('%H:%M:%S')}] " + "; ".join(f"{label}: {progress(d)}" for _, label, d in running),
+                  flush=True)
+        for entry in list(running):
+            proc, label, _ = entry
             if proc.poll() is not None:
-                running.remove((proc, label))
+                running.remove(entry)
                 if proc.returncode != 0:
                     raise SystemExit(f"{label} failed (exit {proc.returncode})")
                 print(f"[{time.strftime('%H:%M:%S')}] done {label}", flush=True)
-    return {s.name: [read_run(run_dir(s.name, seed)) for seed in args.seeds]
-            for s in settings if not args.only or s.name in args.only}
+    return {s.name: [read_run(run_dir(s.name, seed)) for seed in args.seeds] for s in wanted}
+
+
+def progress(run_dir: Path) -> str:
+    """'step/iterations (Dice of the last validation)' from a run's log, for a running job."""
+    log = run_dir / "log.jsonl"
+    if not log.exists():
+        return "starting"
+    step, total, dice, event = 0, "?", None, "starting"
+    for line in log.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        event = rec.get("event", event)
+        if event == "train":
+            step, total = rec["step"], rec["iterations"]
+        elif event == "val":
+            dice = rec.get("dice")
+    text = f"step {step}/{total}" + (", mining pseudo-labels with SAM" if event == "mining_start" else "")
+    return text + (f", val Dice {dice:.3f}" if dice is not None else "")
 
 
 def _worker(spec: dict) -> None:

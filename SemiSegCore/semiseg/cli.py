@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,10 +22,22 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.set)
     run_dir = Path(args.out) if args.out else _default_run_dir(cfg)
     print(f"run directory: {run_dir}")
-    result = train(cfg, run_dir, quiet=args.quiet)
+    result = train(cfg, run_dir, quiet=args.quiet, force_new=args.force_new)
     if result["stopped"]:
         print(f"stopped at step {result['step']}; run the same command again to resume")
+        return 128 + result["signal"] if result.get("signal") else 1  # 130 after SIGINT, 143 after SIGTERM
     return 0
+
+
+def check_out_apart(inp: Path, out: Path) -> None:
+    """Refuse an output folder that is the input (or inside it, or the folder of an input file): label maps must
+    never mix with, or replace, the images they were made from."""
+    from .errors import SemiSegError
+
+    for i, o in ((Path(os.path.abspath(inp)), Path(os.path.abspath(out))), (inp.resolve(), out.resolve())):
+        if o == i or i in o.parents or (i.is_file() and o == i.parent):  # as given, and with links followed
+            raise SemiSegError(f"--out {out} is inside --input {inp}: label maps would mix with (or replace) the "
+                               f"input images; choose another output folder")
 
 
 def _input_images(path: Path):
@@ -56,8 +70,9 @@ def cmd_predict(args) -> int:
     from .infer import load_predictor
     from .io import read_image
 
-    predictor = load_predictor(args.run, which=args.checkpoint, device=args.device)
     out = Path(args.out)
+    check_out_apart(Path(args.input), out)
+    predictor = load_predictor(args.run, which=args.checkpoint, device=args.device)
     out.mkdir(parents=True, exist_ok=True)
     items = _input_images(Path(args.input))
     for cid, image_path in tqdm(items, desc="predicting", disable=args.quiet):
@@ -75,10 +90,24 @@ def cmd_evaluate(args) -> int:
     from .report import evaluate_folders, format_table
 
     names = dataset_labels(args.labels_from) if args.labels_from else None
-    summary, rows = evaluate_folders(args.pred, args.ref, args.out, label_names=names, quiet=args.quiet)
+    summary, rows = evaluate_folders(args.pred, args.ref, args.out, label_names=names, quiet=args.quiet,
+                                     allow_missing=args.allow_missing)
+    if summary.get("missing"):
+        missing = summary["missing"]
+        print(f"warning: {len(missing)} reference case(s) have no prediction and are left out (e.g. {missing[0]})",
+              file=sys.stderr)
     print(format_table(summary, f"{args.pred} vs {args.ref}: {len({r['case'] for r in rows})} cases"))
     if args.out:
         print(f"wrote {Path(args.out) / 'metrics.csv'}, summary.json, metrics.png")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .config import load_config
+    from .plan import make_plan
+
+    plan = make_plan(load_config(args.config, args.set), args.budget_minutes, args.device)
+    print(plan.text())
     return 0
 
 
@@ -90,7 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="YAML config (see Resources/configs)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.iterations=100 (repeatable)")
-    t.add_argument("--out", help="run directory (default runs/<name>-<time>); an existing one resumes")
+    t.add_argument("--out", help="run directory (default runs/<name>-<time>); an existing one resumes if its "
+                                 "config is the same")
+    t.add_argument("--force-new", action="store_true",
+                   help="start over in an existing run directory (the old run is moved to <out>/replaced-<time>/)")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)
 
@@ -109,8 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ref", required=True, help="folder of reference label maps (matched by case id)")
     e.add_argument("--out", help="folder for metrics.csv, summary.json and metrics.png")
     e.add_argument("--labels-from", help="a dataset folder whose dataset.json names the labels")
+    e.add_argument("--allow-missing", action="store_true",
+                   help="score the cases that have a prediction when some have none (listed in summary.json)")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_evaluate)
+
+    pl = sub.add_parser("plan", help="spacing, patch, network and iterations that fit a time budget here "
+                                     "(measured)")
+    pl.add_argument("config", help="YAML config to plan for")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    pl.add_argument("--budget-minutes", type=float, default=20.0, help="training time to fill (default 20)")
+    pl.add_argument("--device", help="plan for this device (default: the config's train.device)")
+    pl.set_defaults(func=cmd_plan)
 
     for module, adder in (("semiseg.sam.cli", "add_pseudolabel_parser"),
                           ("semiseg.knowledge.cli", "add_knowledge_parser")):
@@ -121,15 +163,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_OS_ERRORS = {errno.ENOSPC: "the disk is full (no space left on device)", errno.EROFS: "read-only file system",
+              errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for an error; an OSError says which path and what happened to it (disk full, read-only ...)."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        return f"{where}{_OS_ERRORS.get(exc.errno, exc.strerror)}"
+    return " ".join(str(exc).split())
+
+
 def main(argv=None) -> int:
-    from .config import ConfigError
-    from .io import ImageError
+    from .errors import SemiSegError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ConfigError, ImageError, FileNotFoundError, FileExistsError) as exc:
-        print(f"semiseg {args.command}: error: {exc}", file=sys.stderr)
+    except (SemiSegError, OSError) as exc:
+        print(f"semiseg {args.command}: error: {error_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -35,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import ConfigError
+from ..data.resample import resample_label
 from ..data.sampling import Batch, PatchSampler
 from ..io import Image, read_label, write_image
 from ..losses import dice_ce_loss, sigmoid_rampup
@@ -74,6 +75,11 @@ class KnowledgeMiningParams:
     """Gate: SAM's predicted IoU."""
     min_agreement: float = 0.5
     """Gate: Dice between SAM's mask and the U-Net++ mask."""
+    min_stability: float = 0.0
+    """Gate: mean IoU of SAM's mask with the masks of ``jitter_samples`` prompts whose box corners move by up to
+    ``jitter`` of the box size (0 turns the check off; only the decoder runs again)."""
+    jitter: float = 0.1
+    jitter_samples: int = 4
     backend: str = "litemedsam"
     """SAM backend: litemedsam | sam | hf (see semiseg.sam)."""
     checkpoint: Optional[str] = None
@@ -108,13 +114,15 @@ def _slice_index(ndim: int, axis: int, k: int) -> tuple:
 
 
 def gate(sam_mask: np.ndarray, model_mask: np.ndarray, slices: list[dict], axis: int, min_iou: float,
-         min_agreement: float) -> tuple[np.ndarray, list[dict]]:
+         min_agreement: float, stability: dict | None = None,
+         min_stability: float = 0.0) -> tuple[np.ndarray, list[dict]]:
     """Apply the quality gate to one case.
 
     slices: the engine's provenance records ``[{"index": k, "prompts": [{"label": c, "iou": s, ...}]}]``.
-    Each (slice, class) prompt passes when SAM's predicted IoU >= ``min_iou`` and the Dice between SAM's mask and
-    the model's mask of that class on that slice >= ``min_agreement``; a slice with a failed prompt becomes
-    ``IGNORE``. Returns the gated label map and one decision record per prompt.
+    Each (slice, class) prompt passes when SAM's predicted IoU >= ``min_iou``, the Dice between SAM's mask and
+    the model's mask of that class on that slice >= ``min_agreement`` and (when given) its stability under prompt
+    jitter (``{(slice, class): IoU}``) >= ``min_stability``; a slice with a failed prompt becomes ``IGNORE``.
+    Returns the gated label map and one decision record per prompt.
     """
     out = sam_mask.astype(np.uint8).copy()
     decisions = []
@@ -123,9 +131,12 @@ def gate(sam_mask: np.ndarray, model_mask: np.ndarray, slices: list[dict], axis:
         for p in rec["prompts"]:
             c = int(p["label"])
             agreement = dice_score(sam_mask[sl] == c, model_mask[sl] == c)
-            accepted = p["iou"] >= min_iou and agreement >= min_agreement
+            stable = None if stability is None else stability.get((rec["index"], c), 0.0)
+            accepted = (p["iou"] >= min_iou and agreement >= min_agreement
+                        and (stable is None or stable >= min_stability))
             decisions.append({"slice": rec["index"], "label": c, "iou": round(float(p["iou"]), 4),
-                              "agreement": round(agreement, 4), "accepted": bool(accepted)})
+                              "agreement": round(agreement, 4),
+                              "stability": None if stable is None else round(stable, 4), "accepted": bool(accepted)})
             if not accepted:
                 out[sl] = IGNORE
     return out, decisions
@@ -135,6 +146,19 @@ def foreground_dice(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> floa
     """Mean Dice over the foreground classes, on the pixels not marked IGNORE."""
     keep = pred != IGNORE
     return float(np.mean([dice_score((pred == c) & keep, (ref == c) & keep) for c in range(1, num_classes)]))
+
+
+def quality_correlations(quality: list[list[float]]) -> dict:
+    """How well each gate signal predicts the true Dice of SAM's masks (Pearson r over the mined cases that have a
+    hidden reference): ``r_iou``, ``r_agreement``, ``r_stability``."""
+    q = np.asarray(quality, dtype=float).reshape(-1, 4)
+    out = {}
+    for i, name in enumerate(("iou", "agreement", "stability"), start=1):
+        keep = ~np.isnan(q[:, i])
+        signal, truth = q[keep, i], q[keep, 0]
+        if len(signal) >= 3 and signal.std() > 0 and truth.std() > 0:
+            out[f"r_{name}"] = round(float(np.corrcoef(truth, signal)[0, 1]), 3)
+    return out
 
 
 class KnowledgeMining(Method):
@@ -150,7 +174,8 @@ class KnowledgeMining(Method):
         _check(p.warmup >= 0, "warmup", f"must be >= 0, got {p.warmup}")
         _check(p.every >= 1, "every", f"must be >= 1, got {p.every}")
         _check(p.weight >= 0, "weight", f"must be >= 0, got {p.weight}")
-        for key in ("threshold", "confident", "min_iou", "min_agreement"):
+        _check(p.jitter_samples >= 1, "jitter_samples", f"must be >= 1, got {p.jitter_samples}")
+        for key in ("threshold", "confident", "min_iou", "min_agreement", "min_stability", "jitter"):
             _check(0.0 <= getattr(p, key) <= 1.0, key, f"must be in [0, 1], got {getattr(p, key)}")
         return p
 
@@ -254,25 +279,38 @@ class KnowledgeMining(Method):
         out_dir = Path(trainer.run_dir) / "pseudolabels"
         write = p.save_pseudolabels and getattr(trainer, "is_main", True)
         pseudo, scores = {}, {"pseudo_dice": [], "sam_dice": [], "model_dice": []}
+        quality = []  # per prompted case with a reference: SAM's true Dice, predicted IoU, agreement, stability
         n_prompted = 0
+        trainer.log.write(event="mining_start", round=self.round, step=step, cases=len(trainer.unlabelled))
         for case in tqdm(trainer.unlabelled, desc=f"mining round {self.round}", leave=False,
                          disable=getattr(trainer, "quiet", False)):
             prob = predictor.predict_array(case.image)
             model_mask = prob.argmax(0).astype(np.uint8)
             axis = trainer.cfg.train.slice_axis % model_mask.ndim
-            sam_mask, score, prov = self.sam_pseudolabel(self._sam_image(case.image), prob, axis)
+            sam_image = self._sam_image(case.image)
+            sam_mask, score, prov = self.sam_pseudolabel(sam_image, prob, axis)
+            stability = None
+            if p.min_stability > 0 and prov.get("slices"):
+                from ..sam import prompt_stability
+
+                stability = prompt_stability(self.engine(), sam_image, sam_mask, prov["slices"], axis,
+                                             p.jitter_samples, p.jitter, seed=self.round)
             gated, decisions = gate(sam_mask, model_mask, prov.get("slices", []), axis, p.min_iou,
-                                    p.min_agreement)
+                                    p.min_agreement, stability, p.min_stability)
             accepted = any(d["accepted"] for d in decisions) and bool((gated != IGNORE).any())
             n_prompted += bool(decisions)
             if accepted:
                 pseudo[case.id] = gated
             ref_path = references.get(case.id)
-            if ref_path:
-                ref = read_label(ref_path).array
+            if ref_path:  # evaluation only: the hidden reference on the working grid
+                ref = resample_label(read_label(ref_path).array, model_mask.shape)
                 scores["model_dice"].append(foreground_dice(model_mask, ref, k))
                 if decisions:
-                    scores["sam_dice"].append(foreground_dice(sam_mask, ref, k))
+                    sam_dice = foreground_dice(sam_mask, ref, k)
+                    scores["sam_dice"].append(sam_dice)
+                    quality.append([sam_dice] + [float(np.mean([d[q] for d in decisions]))
+                                                 if all(d[q] is not None for d in decisions) else np.nan
+                                                 for q in ("iou", "agreement", "stability")])
                 if accepted:
                     scores["pseudo_dice"].append(foreground_dice(gated, ref, k))
             if write and decisions:
@@ -287,7 +325,8 @@ class KnowledgeMining(Method):
             self.train()
         summary = {"round": self.round, "step": step, "cases": len(trainer.unlabelled), "prompted": n_prompted,
                    "accepted": len(pseudo), "seconds": round(time.time() - t0, 1),
-                   **{k_: (round(float(np.mean(v)), 4) if v else None) for k_, v in scores.items()}}
+                   **{k_: (round(float(np.mean(v)), 4) if v else None) for k_, v in scores.items()},
+                   **quality_correlations(quality)}
         trainer.log.write(event="mining", **summary)
         if write:
             atomic_write_text(out_dir / "rounds.jsonl", "".join(json.dumps(r) + "\n" for r in

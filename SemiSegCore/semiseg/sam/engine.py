@@ -296,3 +296,42 @@ def pseudolabel_from_probability(engine: SamEngine, image: Image, prob: np.ndarr
             prompts.setdefault(k, []).extend(ps)
     result = engine.segment(image, prompts, axis=axis, intensity=intensity, prompt_source=prompt_source)
     return result.label.array, result.score, result.provenance
+
+
+def prompt_stability(engine: SamEngine, image: Image, mask: np.ndarray, slices: list[dict], axis: int = 2,
+                     n: int = 4, jitter: float = 0.1, seed: int = 0, intensity: str = "auto") -> dict[tuple, float]:
+    """How stable SAM's answer is under small changes of the prompt: for every boxed prompt of a segmentation's
+    provenance records (``slices``, as :meth:`SamEngine.segment` writes them), decode ``n`` copies whose box corners
+    move by up to ``jitter`` of the box size and return {(slice, label): mean IoU of those masks with ``mask``'s}.
+    Only the decoder runs again (the slice embeddings are cached). A mask that falls apart when the box moves a
+    little is a guess; one that stays put is what SAM sees in the image."""
+    from .prompts import Prompt
+
+    rng = np.random.default_rng(seed)
+    u8 = to_uint8(image, intensity)
+    nd = image.spatial_ndim
+    out = {}
+    for rec in slices:
+        k = rec["index"]
+        boxed = [p for p in rec["prompts"] if p.get("box")]
+        if not boxed:
+            continue
+        emb = engine.embed_slices([rgb_slice(u8, image.channels, axis, k)])[0]
+        base = mask if nd == 2 else np.take(mask, k, axis=axis)
+        h, w = base.shape
+        for p in boxed:
+            x0, y0, x1, y1 = p["box"]
+            size = np.array([x1 - x0, y1 - y0, x1 - x0, y1 - y0]) + 1
+            prompts = []
+            for _ in range(n):
+                b = np.array([x0, y0, x1, y1]) + rng.uniform(-jitter, jitter, 4) * size
+                b = np.clip(b, 0, [w - 1, h - 1, w - 1, h - 1])
+                bx0, bx1 = sorted((b[0], b[2]))
+                by0, by1 = sorted((b[1], b[3]))
+                prompts.append(Prompt((bx0, by0, bx1, by1), p.get("points", []), p.get("point_labels", []),
+                                      label=int(p["label"])))
+            masks, _ = engine.decode(emb, prompts)
+            ref = base == int(p["label"])
+            ious = [np.logical_and(m, ref).sum() / max(np.logical_or(m, ref).sum(), 1) for m in masks]
+            out[(k, int(p["label"]))] = float(np.mean(ious))
+    return out
