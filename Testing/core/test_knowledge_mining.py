@@ -135,3 +135,55 @@ def test_real_run_mines_saves_and_resumes(tmp_path):
     last = [e for e in events if e["event"] == "train"][-1]
     if restored.pseudo:
         assert last["step"] == 5 and "pseudo" in last
+
+
+def test_gate_with_stability():
+    sam = np.zeros((2, 10, 10), np.uint8)
+    sam[:, 2:6, 2:6] = 1
+    slices = [{"index": 0, "prompts": [{"label": 1, "iou": 0.9}]}, {"index": 1, "prompts": [{"label": 1, "iou": 0.9}]}]
+    stability = {(0, 1): 0.95, (1, 1): 0.6}
+    out, decisions = gate(sam, sam, slices, axis=0, min_iou=0.5, min_agreement=0.5, stability=stability,
+                          min_stability=0.8)
+    assert [d["accepted"] for d in decisions] == [True, False]  # slice 1's mask falls apart under jitter
+    assert [d["stability"] for d in decisions] == [0.95, 0.6]
+    assert (out[1] == IGNORE).all() and (out[0] == sam[0]).all()
+
+
+@pytest.mark.skipif(not KVASIR.exists(), reason="needs ../shared/data/kvasir-seg")
+def test_prompt_stability_on_a_real_polyp():
+    from semiseg.io import read_image, read_label
+    from semiseg.sam import SamEngine, build_backend, prompt_stability, pseudolabel_from_mask
+
+    image = read_image(KVASIR / "images" / sorted(p.name for p in (KVASIR / "images").iterdir())[0])
+    ref = read_label(KVASIR / "masks" / (Path(image.path).stem + ".jpg")).array
+    engine = SamEngine(build_backend("litemedsam", device="cpu"))
+    result = pseudolabel_from_mask(engine, image, ref)
+    mask, slices = result.label.array, result.provenance["slices"]
+    still = prompt_stability(engine, image, mask, slices, jitter=0.0, n=2)
+    assert still == {(0, 1): pytest.approx(1.0)}  # unmoved boxes give the same mask
+    small = prompt_stability(engine, image, mask, slices, jitter=0.05, n=4)[(0, 1)]
+    large = prompt_stability(engine, image, mask, slices, jitter=0.6, n=4)[(0, 1)]
+    assert 0.0 <= large < small <= 1.0  # the further the box moves, the more the mask changes
+
+
+@pytest.mark.skipif(not KVASIR.exists(), reason="needs ../shared/data/kvasir-seg")
+def test_mining_starts_from_the_given_checkpoint(tmp_path):
+    """train.init_from: knowledge mining begins with the supervised run's network, not a fresh one."""
+    from semiseg.config import config_from_dict
+    from semiseg.train import train
+    from semiseg.train.trainer import Trainer
+
+    over = ["data.max_cases=10", "data.labelled=3", "data.unlabelled=2", "data.val=1", "train.iterations=2",
+            "train.val_every=2", "knowledge_mining.warmup=0"]
+    sup_cfg = tiny_cfg(*over).to_dict()
+    sup_cfg.pop("knowledge_mining")
+    sup_cfg["method"] = "supervised"
+    train(config_from_dict(sup_cfg), tmp_path / "sup", quiet=True, evaluate_val=False)
+    best = torch.load(tmp_path / "sup" / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)
+    km = Trainer(tiny_cfg(*over, f"train.init_from={tmp_path / 'sup'}"), tmp_path / "km", quiet=True)
+    fresh = {k: v.clone() for k, v in km.method.net.state_dict().items()}
+    assert km.try_resume() is False  # nothing to resume: the weights come from init_from instead
+    for name, value in km.method.net.state_dict().items():
+        torch.testing.assert_close(value, best["method"][f"net.{name}"])
+    assert any(not torch.equal(fresh[k], v) for k, v in km.method.net.state_dict().items())
+    assert km.method.next_round_step == 0  # warmup 0: the first step mines with the trained network

@@ -1,0 +1,26 @@
+"""`semiseg plan` on real data: the spacing, patch and network rules, and a measured speed."""
+import numpy as np
+
+from semiseg.config import load_config
+from semiseg.models import size_multiple
+from semiseg.plan import make_plan, plan_patch, plan_spacing
+
+
+def test_spacing_rule_coarsens_fine_axes_only():
+    target, _ = plan_spacing(np.array([0.625, 0.625, 0.625]), np.array([188, 142, 88]), 96)
+    assert target == [1.25, 1.25, 1.25]
+    target, _ = plan_spacing(np.array([10.0, 1.0, 1.0]), np.array([10, 256, 216]), 96)
+    assert target == [10.0, 4.0, 4.0]  # ACDC-like: the 10 mm slice axis is left alone
+    assert plan_spacing(np.array([1.0, 1.0]), np.array([90, 80]), 128)[0] is None
+    assert plan_patch((94, 71, 44), "strided_unet3d", [64, 64, 48]) == [64, 64, 40]
+    assert plan_patch((9, 200), "unetpp2d", [128, 128]) == [16, 128]
+
+
+def test_plan_for_la_measures_a_real_step(repo_dir, la_dir):
+    cfg = load_config(repo_dir / "Resources" / "configs" / "la2018_supervised.yaml",
+                      [f"data.root={la_dir}", "model.features=4", "train.batch_size=1", "train.threads=1"])
+    plan = make_plan(cfg, budget_minutes=1.0, device="cpu")
+    assert plan.target_spacing == [1.25, 1.25, 1.25] and plan.model == "strided_unet3d"
+    assert all(p % size_multiple(plan.model) == 0 for p in plan.patch_size)
+    assert plan.seconds_per_iteration > 0 and plan.iterations >= 100
+    assert "--set data.target_spacing=[1.25,1.25,1.25]" in plan.text()
