@@ -78,15 +78,18 @@ def test_sigterm_stops_cleanly_and_the_same_command_resumes(la_dir, tmp_path, re
         time.sleep(0.5)
         assert proc.poll() is None, proc.stdout.read().decode()
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0
+    assert proc.wait(timeout=120) == 143  # 128 + SIGTERM: a script can tell a stopped run from a finished one
     events = [json.loads(line) for line in open(run / "log.jsonl")]
     stopped = [e for e in events if e["event"] == "stopped"]
     assert stopped and (run / "checkpoints/last.pt").exists()
     step = torch.load(run / "checkpoints/last.pt", weights_only=False)["step"]
     assert step == stopped[0]["step"] > 0
-    # the same command with fewer iterations left resumes from there and finishes
+    # the same command with fewer iterations left resumes from there and finishes, removing what a kill during a
+    # checkpoint write would have left
+    (run / "checkpoints" / ".tmp-killed.pt").write_bytes(b"half a checkpoint")
     done = subprocess.run(cmd + ["--set", f"train.iterations={step + 2}"], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
     events = [json.loads(line) for line in open(run / "log.jsonl")]
     assert events[-1]["event"] == "done" and any(e["event"] == "resumed" and e["step"] == step for e in events)
+    assert not list((run / "checkpoints").glob(".tmp-*"))

@@ -38,25 +38,32 @@ def is_image_file(path: str | Path) -> bool:
 
 
 def read_image(path: str | Path, h5_key: str = "image") -> Image:
-    """Read an intensity image. Colour 2D images keep 3 channels; volumes come back as float32."""
+    """Read an intensity image. Colour 2D images keep 3 channels; volumes come back as float32.
+    NaN or infinite values are an error."""
     path = Path(path)
     if not path.exists():
         raise ImageError(f"{path}: file not found")
     ext = _ext(path)
+    if ext not in ALL_EXTS:
+        raise ImageError(f"{path}: unsupported file type '{ext}' (supported: {', '.join(ALL_EXTS)})")
     try:
         if ext in (".nii", ".nii.gz"):
-            return _read_nifti(path)
-        if ext in (".nrrd", ".seg.nrrd"):
-            return _read_nrrd(path)
-        if ext == ".h5":
-            return _read_h5(path, h5_key)
-        if ext in IMAGE_2D_EXTS:
-            return _read_2d(path)
+            img = _read_nifti(path)
+        elif ext in (".nrrd", ".seg.nrrd"):
+            img = _read_nrrd(path)
+        elif ext == ".h5":
+            img = _read_h5(path, h5_key)
+        else:
+            img = _read_2d(path)
     except ImageError:
         raise
     except Exception as exc:  # corrupt or truncated files surface here from the format libraries
         raise ImageError(f"{path}: cannot be read as {ext} ({type(exc).__name__}: {exc})") from exc
-    raise ImageError(f"{path}: unsupported file type '{ext}' (supported: {', '.join(ALL_EXTS)})")
+    if np.issubdtype(img.array.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(img.array)))
+        if bad:
+            raise ImageError(f"{path}: {bad} of {img.array.size} values are NaN or infinite")
+    return img
 
 
 def read_label(path: str | Path, h5_key: str = "label") -> Image:

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import SemiSegError
 
-class ImageError(ValueError):
+
+class ImageError(SemiSegError, ValueError):
     """Bad input data; the message always names the file and the problem."""
 
 
@@ -60,20 +62,30 @@ class Image:
                              f" of {self.path or 'the image'}")
         return img
 
+    def grid_differences(self, other: "Image", atol: float = 1e-3) -> list[str]:
+        """How ``other``'s grid differs from this one, e.g. ``["origin [10.0, 0.0, 0.0] vs [0.0, 0.0, 0.0]"]``."""
+        if self.spatial_shape != other.spatial_shape:
+            return [f"shape {other.spatial_shape} vs {self.spatial_shape}"]
+        close = {"spacing": np.allclose(self.spacing, other.spacing, atol=atol, rtol=1e-4),
+                 "origin": np.allclose(self.origin, other.origin, atol=max(atol, 1e-3 * max(self.spacing))),
+                 "direction": np.allclose(self.direction, other.direction, atol=1e-3)}
+
+        def show(value) -> str:
+            return str((np.round(np.asarray(value, dtype=float), 4) + 0.0).tolist())  # + 0.0: no "-0.0"
+
+        return [f"{k} {show(getattr(other, k))} vs {show(getattr(self, k))}" for k, ok in close.items() if not ok]
+
     def same_grid(self, other: "Image", atol: float = 1e-3) -> bool:
-        return (self.spatial_shape == other.spatial_shape
-                and np.allclose(self.spacing, other.spacing, atol=atol, rtol=1e-4)
-                and np.allclose(self.origin, other.origin, atol=max(atol, 1e-3 * max(self.spacing)))
-                and np.allclose(self.direction, other.direction, atol=1e-3))
+        return not self.grid_differences(other, atol)
 
     def check_same_grid(self, other: "Image") -> None:
-        """Raise an ImageError naming both files when ``other`` is not on this image's grid."""
+        """Raise an ImageError naming both files and what differs when ``other`` is not on this image's grid."""
         if self.spatial_shape != other.spatial_shape:
             raise ImageError(f"{other.path}: shape {other.spatial_shape} does not match {self.path} "
                              f"shape {self.spatial_shape}")
-        if not self.same_grid(other):
-            raise ImageError(f"{other.path}: geometry (spacing {other.spacing}, origin {other.origin}) does not match "
-                             f"{self.path} (spacing {self.spacing}, origin {self.origin})")
+        diffs = self.grid_differences(other)
+        if diffs:
+            raise ImageError(f"{other.path}: geometry does not match {self.path} ({'; '.join(diffs)})")
 
     @staticmethod
     def from_affine(array: np.ndarray, affine: np.ndarray, channels: int = 1, path: str | None = None) -> "Image":

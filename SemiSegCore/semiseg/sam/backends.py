@@ -30,12 +30,13 @@ from typing import Sequence
 
 import numpy as np
 
+from ..errors import SemiSegError
 from .prompts import Prompt
 
 LITEMEDSAM_SHA256_PREFIX = "79d8c9dc"
 
 
-class SamCheckpointError(RuntimeError):
+class SamCheckpointError(SemiSegError, RuntimeError):
     """A SAM checkpoint is missing, cannot be downloaded or fails its checksum; the message says which and where."""
 
 

@@ -93,9 +93,7 @@ def run_pseudolabel(args) -> int:
                     skipped += 1
                     continue
                 mask = read_label(masks[case.id])
-                if mask.spatial_shape != image.spatial_shape:
-                    raise ImageError(f"{mask.path}: shape {mask.spatial_shape} does not match image {case.image} "
-                                     f"shape {image.spatial_shape}")
+                image.check_same_grid(mask)  # shape, spacing, origin and direction, as training checks labels
             engine = engine or SamEngine(build_backend(args.backend, args.checkpoint, device, args.model_type),
                                          batch_size=args.batch_size, multimask=args.multimask)
             if masks is not None:
