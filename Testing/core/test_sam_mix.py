@@ -168,3 +168,54 @@ def test_lora_step_trains_adapters_only_in_encoder(tmp_path):
         logits = m.predict_logits(torch.zeros(1, 1, 40, 30))
     assert logits.shape == (1, 4, 40, 30)
     torch.testing.assert_close(logits[:, 1:], torch.full_like(logits[:, 1:], NEGATIVE_LOGIT))
+
+
+LA = REPO.parent / "shared" / "data" / "la2018"
+LA_CONFIG = REPO / "Resources" / "configs" / "la2018_sammix.yaml"
+
+
+def _bn_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: b.detach().clone() for n, b in module.named_buffers() if "running_" in n or "num_batches" in n}
+
+
+def test_frozen_encoder_stays_in_eval_mode_and_predict_matches_in_run_validation(tmp_path):
+    """Issue 13: ``method.train()`` must not put LiteMedSAM's frozen TinyViT encoder (27 BatchNorm layers) in train
+    mode, a training step must leave its running statistics alone, and a reloaded run (``semiseg predict``) must
+    predict what in-run validation predicts, on a real LA 2018 axial slice. Frozen encoder with cached embeddings
+    (the benchmark setting); the cache is cleared before reloading so that it cannot hide a difference."""
+    from semiseg.infer import load_predictor
+    from semiseg.methods import sam_mix
+    from semiseg.train.trainer import Trainer
+
+    cfg = load_config(LA_CONFIG, [f"data.root={LA}", "data.max_cases=3", "data.labelled=1", "data.val=1",
+                                  "sam_mix.image_level_from=labelled", "sam_mix.labelled_slices=2",
+                                  "sam_mix.lora_rank=0", "sam_mix.cls_batch=2", "sam_mix.seg_batch=1",
+                                  "train.iterations=2", "train.val_every=1000", "train.checkpoint_every=1000",
+                                  "train.lr=0.001"])
+    trainer = Trainer(cfg, tmp_path / "run", quiet=True)
+    m = trainer.method
+    encoder = m.sam.image_encoder
+    norms = [b for b in encoder.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm)]
+    assert len(norms) == 27
+    stats = _bn_state(encoder)
+    m.train()  # what Trainer.fit and Trainer.validate do
+    assert m.training and m.classifier.training and m.sam.mask_decoder.training
+    assert not any(b.training for b in norms) and not m.sam.prompt_encoder.training
+    sam_mix._EMBEDDINGS.clear()  # embeddings are computed now, by the training steps
+    for step in range(2):
+        m.on_step(trainer, step)
+        trainer.train_step()
+        trainer.step += 1
+    assert not any(b.training for b in norms)
+    for name, value in _bn_state(encoder).items():
+        torch.testing.assert_close(value, stats[name], rtol=0, atol=0)
+    trainer.save("best.pt")
+    case = trainer.val[0]
+    k = int(np.argmax((case.label > 0).sum((0, 1))))  # the axial slice with most atrium
+    sl = case.image[..., k:k + 1]
+    m.eval()  # in-run validation: Trainer.validate's predictor
+    ours = trainer.predictor().predict_array(sl)
+    sam_mix._EMBEDDINGS.clear()
+    again = load_predictor(tmp_path / "run", device="cpu").predict_array(sl)
+    assert ours.shape == (2,) + sl.shape[1:]
+    np.testing.assert_allclose(again, ours, atol=1e-4)

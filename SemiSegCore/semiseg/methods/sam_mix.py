@@ -232,6 +232,23 @@ class SamMix(Method):
         self.classifier = SliceClassifier(channels.shape[1], self.k)
         trainable = {n for n, q in self.named_parameters() if q.requires_grad}
         self._frozen = {n for n in super().state_dict() if n.startswith("sam.") and n not in trainable}
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        """Train mode for what trains; the frozen SAM parts always stay in eval mode.
+
+        LiteMedSAM's TinyViT encoder has 27 BatchNorm layers: in train mode they would normalise with batch
+        statistics and drift their running statistics, which are frozen buffers left out of checkpoints, so in-run
+        validation and a reloaded run (``semiseg predict``) would see different embeddings (measured: 84% relative
+        norm between train- and eval-mode embeddings of LA slices). The encoder (with or without LoRA adapters,
+        which are plain linear updates) and the prompt encoder are therefore always in eval mode; the mask decoder
+        (no BatchNorm) follows ``mode`` when it trains."""
+        super().train(mode)
+        if self.sam is not None:
+            self.sam.eval()
+            if mode and self.params.variant == "sam_mix":
+                self.sam.mask_decoder.train()
+        return self
 
     # -- checkpoints: only what trains; the base SAM is rebuilt from its checkpoint ------------------------------
     def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
