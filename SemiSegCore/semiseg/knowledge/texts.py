@@ -10,9 +10,14 @@ class KnowledgeError(ValueError):
 
 
 def knowledge_dir() -> Path:
-    """``$SEMISEG_KNOWLEDGE_DIR`` if set, else the repository's ``Resources/knowledge``."""
+    """``$SEMISEG_KNOWLEDGE_DIR`` if set, else the texts shipped with semiseg (package data when installed, the
+    repository's ``Resources/knowledge`` in a source checkout; see :mod:`semiseg.resources`)."""
     env = os.environ.get("SEMISEG_KNOWLEDGE_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[3] / "Resources" / "knowledge"
+    if env:
+        return Path(env)
+    from ..resources import resource_dir
+
+    return resource_dir("knowledge")
 
 
 def available_knowledge() -> list[str]:
