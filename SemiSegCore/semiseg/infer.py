@@ -9,7 +9,7 @@ import torch
 from scipy import ndimage
 
 from .data.cases import normalise, to_channels_first
-from .io import Image
+from .io import Image, ImageError
 
 
 @torch.inference_mode()
@@ -78,10 +78,10 @@ class Predictor:
 
         arr = to_channels_first(image)
         if arr.shape[0] != self.config.model.in_channels:
-            raise ValueError(f"{image.path}: {arr.shape[0]} channel(s), the model expects "
+            raise ImageError(f"{image.path}: {arr.shape[0]} channel(s), the model expects "
                              f"{self.config.model.in_channels}")
         if arr.ndim - 1 not in (len(self.patch_size), len(self.patch_size) + 1):
-            raise ValueError(f"{image.path}: a {arr.ndim - 1}D image, the model works on {len(self.patch_size)}D")
+            raise ImageError(f"{image.path}: a {arr.ndim - 1}D image, the model works on {len(self.patch_size)}D")
         arr = normalise(arr, self.config.data.intensity).astype(np.float32)
         return resample_image(arr, working_shape(image.spatial_shape, image.spacing, self.config.data.target_spacing))
 

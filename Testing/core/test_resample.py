@@ -33,9 +33,9 @@ def test_spacing_per_axis_checks_values():
     assert spacing_per_axis(2.0, 3) == (2.0, 2.0, 2.0)
     assert spacing_per_axis([1, 2], 2) == (1.0, 2.0)
     assert spacing_per_axis(None, 3) is None
-    with pytest.raises(ValueError, match="2 values for a 3D image"):
+    with pytest.raises(ConfigError, match="2 values for a 3D image"):
         spacing_per_axis([1, 2], 3)
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ConfigError, match="positive"):
         spacing_per_axis([1, 0, 1], 3)
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import ConfigError
 from ..io import Image
 
 
@@ -22,9 +23,9 @@ def spacing_per_axis(target_spacing, ndim: int, where: str = "data.target_spacin
         return None
     values = [float(target_spacing)] * ndim if np.isscalar(target_spacing) else [float(v) for v in target_spacing]
     if len(values) != ndim:
-        raise ValueError(f"config key '{where}' has {len(values)} values for a {ndim}D image")
+        raise ConfigError(f"config key '{where}' has {len(values)} values for a {ndim}D image")
     if any(v <= 0 for v in values):
-        raise ValueError(f"config key '{where}' must be positive, got {list(target_spacing)}")
+        raise ConfigError(f"config key '{where}' must be positive, got {list(target_spacing)}")
     return tuple(values)
 
 
