@@ -356,6 +356,7 @@ class KnowledgeMining(Method):
             return
         if is_2d and self.cfg.data.num_classes == 2:
             label = np.where(label == 1, 255, 0).astype(np.uint8)  # viewable; read back as 0/1
+        label = resample_label(label, case.geometry.spatial_shape)  # reviewed on the image's own grid
         write_image(case.geometry.with_array(label), mask_path, overwrite=True)
 
     # -- checkpoint -----------------------------------------------------------------------------------------------
