@@ -92,7 +92,7 @@ def test_overlaps_go_to_the_higher_score_and_errors():
     prompts = [Prompt(box=(0, 0, 63, 63), label=1), Prompt(box=(0, 0, 63, 63), label=2)]
     res = engine.segment(img, prompts)
     masks, scores = backend.decode(backend.embed([img.array])[0], prompts)
-    winner = 1 + int(np.argmax(scores))
+    winner = 2 - int(np.argmax(scores[::-1]))  # the higher score wins; on a tie, the later prompt (painted last)
     both = masks[0] & masks[1]
     assert np.all(res.label.array[both] == winner)
     assert res.label.array.shape == (64, 64) and res.provenance["axis"] is None
