@@ -12,7 +12,8 @@ from semiseg.data.cases import discover_cases, load_case
 from semiseg.data.sampling import PatchSampler
 from semiseg.infer import load_predictor
 from semiseg.methods import build_method
-from semiseg.methods.llm_segnet import cross_pseudo_loss, cutmix_box, mix, unified_segmentation_loss
+from semiseg.methods.llm_segnet import (TextFiLM, TextFusion, cross_pseudo_loss, cutmix_box, mix,
+                                        unified_segmentation_loss)
 from semiseg.train import train
 
 # Two voxels, two classes. Own logits give p = (0.25, 0.75) and (0.5, 0.5); the peer says q = (0.1, 0.9)
@@ -24,9 +25,17 @@ PEER = torch.tensor([[[0.1, 0.6], [0.9, 0.4]]])
 def test_unified_segmentation_loss_by_hand():
     nll = -math.log(0.75)  # confident voxel: -log p[argmax q]
     mse = ((0.5 - 0.6) ** 2 + (0.5 - 0.4) ** 2) / 2  # other voxel: mean squared error over classes
-    assert unified_segmentation_loss(LOGITS, PEER, 0.65).item() == pytest.approx((nll + mse) / 2, abs=1e-6)
-    mse0 = ((0.25 - 0.1) ** 2 + (0.75 - 0.9) ** 2) / 2  # tau above both: MSE everywhere
+    # issue 13 (b): the NLL is averaged over the confident voxels, the MSE over the others (one voxel each here);
+    # the first version averaged every voxel's term over all voxels, (nll + mse) / 2 (reduction="voxel")
+    assert unified_segmentation_loss(LOGITS, PEER, 0.65).item() == pytest.approx(nll + mse, abs=1e-6)
+    assert unified_segmentation_loss(LOGITS, PEER, 0.65, "voxel").item() == pytest.approx((nll + mse) / 2, abs=1e-6)
+    mse0 = ((0.25 - 0.1) ** 2 + (0.75 - 0.9) ** 2) / 2  # tau above both: MSE everywhere, no confident voxel
     assert unified_segmentation_loss(LOGITS, PEER, 0.95).item() == pytest.approx((mse0 + mse) / 2, abs=1e-6)
+    # a 4-voxel case: 1 confident, 3 not; the parts keep their scale whatever the share of confident voxels
+    logits = torch.zeros(1, 2, 4)
+    peer = torch.tensor([[[0.1, 0.6, 0.6, 0.6], [0.9, 0.4, 0.4, 0.4]]])
+    expected = -math.log(0.5) + 0.01  # NLL of p = 0.5 on the confident voxel + MSE 0.1^2 on each other voxel
+    assert unified_segmentation_loss(logits, peer, 0.65).item() == pytest.approx(expected, abs=1e-6)
 
 
 def test_cross_pseudo_loss_by_hand():
@@ -121,3 +130,81 @@ def test_trains_end_to_end_and_the_run_predicts(la_dir, cache, tmp_path):
     probs = pred.predict_array(case.image)
     assert probs.shape == (2,) + case.image.shape[1:]
     np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-4)
+
+
+def _not_a_bias(delta: torch.Tensor) -> float:
+    """Share of a bottleneck change (B, C, *spatial) that no per-channel constant explains: |delta - its spatial
+    mean per channel| / |delta| (0 for a bias)."""
+    flat = delta.flatten(2)
+    return float((flat - flat.mean(-1, keepdim=True)).norm() / flat.norm().clamp_min(1e-12))
+
+
+def test_text_branch_acts_by_more_than_a_bias(la_dir):
+    """Issue 13 (c): two different texts change the fused bottleneck of a real LA patch differently at each voxel
+    (FiLM on the channel-normalised features), not by a per-channel constant as the additive form did; the change
+    is a sizeable share of the bottleneck at the start (near identity, but not negligible) and reaches the logits."""
+    from semiseg.models import build_model
+
+    torch.manual_seed(0)
+    case = load_case(discover_cases(la_dir)[0], "none", 2)
+    x = PatchSampler([case], (64, 64, 48), 2, seed=0, foreground_prob=1.0).next_batch().image
+    net = build_model("vnet", 1, 2, features=4).train()  # batch statistics: a bottleneck of realistic scale
+    with torch.no_grad():
+        feat = net.encode(x)[-1]  # (2, 64, 4, 4, 3)
+    t1, t2 = torch.nn.functional.normalize(torch.randn(2, 384), dim=1)
+    film, bias = TextFiLM(384, feat.shape[1], 0.1), TextFusion(384, feat.shape[1], 0.1)
+    with torch.no_grad():
+        d_film = film(feat, t1) - film(feat, t2)
+        d_bias = bias(feat, t1) - bias(feat, t2)
+        start = (film(feat, t1) - feat).norm() / feat.norm()
+    assert _not_a_bias(d_bias) < 1e-4  # the first version: a constant per channel
+    # FiLM: the change varies over the grid about as much as the bottleneck itself does (measured 0.69 vs 0.83)
+    assert _not_a_bias(d_film) > 0.5 * _not_a_bias(feat)
+    assert 0.05 < float(start) < 0.5  # the fused term starts small against the bottleneck (measured 0.20; the
+    # additive form started at 0.005), but not negligible
+    # through a whole text-guided V-Net: the logits move, and gradients reach the text projection and lambda
+    from semiseg.methods.llm_segnet import TextGuidedNet
+
+    guided = TextGuidedNet(net, 384, 0.1)
+    out1 = guided(x, t1)
+    with torch.no_grad():
+        out2 = guided(x, t2)
+    assert float((out1.detach() - out2).norm() / out1.detach().norm()) > 1e-3
+    out1.logsumexp(1).mean().backward()
+    assert guided.fusion.proj.weight.grad.abs().sum() > 0 and guided.fusion.weight.grad.abs() > 0
+
+
+def test_warm_up_warm_start_and_crop_policy(la_dir, cache, tmp_path):
+    """Issue 13 (a): no unlabelled loss before the warm-up ends, then the ramp from there; both networks start from
+    a supervised checkpoint; the trainer's labelled patches are cropped like the unlabelled ones (random)."""
+    from types import SimpleNamespace
+
+    sup_raw = {k: v for k, v in raw_config(la_dir, cache).items() if k != "llm_segnet"}
+    sup_cfg = config_from_dict({**sup_raw, "method": "supervised"})
+    supervised = build_method(sup_cfg, torch.device("cpu"))
+    torch.save({"method": supervised.state_dict()}, tmp_path / "sup.pt")
+    cfg = config_from_dict(raw_config(la_dir, cache, warmup=0.5, rampup=0.25, warm_start=str(tmp_path / "sup.pt")))
+    cfg.train.iterations = 100
+    method = build_method(cfg, torch.device("cpu"))
+    assert [method.unlabelled_weight(s) for s in (0, 49)] == [0.0, 0.0]
+    assert 0 < method.unlabelled_weight(50) < method.unlabelled_weight(60) < method.unlabelled_weight(75) == 1.0
+    cases = [load_case(c, "none", 2) for c in discover_cases(la_dir)[:3]]
+    sampler = PatchSampler(cases[:2], (32, 32, 32), 1, seed=0, foreground_prob=0.5)
+    events = []
+    trainer = SimpleNamespace(labelled_sampler=sampler, is_main=True, run_dir=tmp_path,
+                              log=SimpleNamespace(write=lambda **r: events.append(r)))
+    method.on_step(trainer, 0)
+    assert sampler.foreground_prob == 0.0
+    assert {e["event"] for e in events} >= {"llm_segnet_crops", "warm_start", "knowledge"}
+    ref = supervised.net.state_dict()
+    for net in method.vnets():
+        for k, v in net.state_dict().items():
+            torch.testing.assert_close(v, ref[k])
+    lab = sampler.next_batch()
+    unl = PatchSampler(cases[2:], (32, 32, 32), 1, seed=1).next_batch()
+    out = method.training_step(lab, unl, step=10)  # warm-up: supervised terms only
+    assert float(out["unsup_weight"]) == 0.0 and float(out["loss"]) == pytest.approx(
+        float(out["sup_a"] + out["sup_b"]), rel=1e-6)
+    assert float(method.training_step(lab, unl, step=80)["unsup_weight"]) == 1.0
+    with pytest.raises(ConfigError, match="llm_segnet.labelled_crop"):
+        config_from_dict(raw_config(la_dir, cache, labelled_crop="foreground"))

@@ -4,13 +4,23 @@ Two networks are co-trained. Network A sees the raw batch; network B sees the sa
 of the unlabelled ones. Both get Dice + cross-entropy on the labelled images. On the unlabelled images each network
 is supervised by the other (the peer's softmax, without gradient) through the Unified Segmentation Loss, compared in
 the CutMix space: A's raw predictions are mixed with the same box (mixing is voxel selection, so every voxel of A's
-prediction is used once) and set against B's prediction on the mixed images, and vice versa.
+prediction is used once) and set against B's prediction on the mixed images, and vice versa. The USL averages its
+NLL over the confident voxels and its MSE over the others (the normalisation of TraCoCo's peer losses).
+
+Schedule (issue 13): the unlabelled loss is off for a supervised warm-up (``warmup``) and then ramps up; both
+networks may also start from a supervised run (``warm_start``), so that the peers' pseudo-labels are worth learning
+from when the unlabelled loss starts. Labelled and unlabelled patches are cropped with the same (random) policy by
+default (``labelled_crop: random``): unlabelled cases have no labels to centre on, and foreground-centred labelled
+crops teach the networks a foreground prior that random unlabelled crops do not have (the USL then locks it in).
 
 Task knowledge: a fixed text about the structure (``Resources/knowledge/<name>.txt``) is encoded once by a frozen
-text encoder into t (d,), kept in the checkpoint as a buffer, and fused at each V-Net's bottleneck:
-F' = F + lambda * Linear(t), lambda a learnable scalar per network. With a single task the text is the same for every
-image, so the fused term is a learned per-channel bottleneck bias initialised from the text; it cannot carry
-image-specific information.
+text encoder into t (d,), kept in the checkpoint as a buffer, and fused at each V-Net's bottleneck by FiLM on the
+channel-normalised features: F' = F + lambda * (gamma(t) * LN(F) + beta(t)), (gamma, beta) = Linear(t / |t|),
+lambda a learnable scalar per network (``fusion: film``). Unlike the additive form F + lambda * Linear(t)
+(``fusion: bias``: a learned per-channel constant), FiLM scales each image's own features, so another text changes
+the output differently at every voxel. With a single task the text is still the same for every image: the text
+sets (and initialises) a per-channel modulation of the image features; whether that helps is for the ablation
+(``use_text: false``) to show.
 
 Inference: the average of the two networks' softmax (``predict_with: mean``) or network A alone (``a``).
 """
@@ -38,6 +48,9 @@ class LLMSegNetParams:
     """'minilm' (bundled all-MiniLM-L6-v2) or a local transformers model folder."""
     embedding_cache: str = ""
     """Folder of the text-embedding cache; empty: $SEMISEG_CACHE/text_embeddings or ~/.cache/semiseg/..."""
+    fusion: str = "film"
+    """film: F + lambda (gamma(t) LN(F) + beta(t)); bias: F + lambda Linear(t) (the first version: a per-channel
+    constant, kept for comparison)."""
     fusion_init: float = 0.1
     """Initial value of the learnable fusion weight lambda."""
     unlabelled_loss: str = "usl"
@@ -47,26 +60,45 @@ class LLMSegNetParams:
     unlabelled_weight: float = 1.0
     """Weight of the unlabelled loss after the ramp-up."""
     rampup: float = 0.4
-    """Fraction of train.iterations over which the unlabelled weight rises (sigmoid ramp) to its full value."""
+    """Fraction of train.iterations over which the unlabelled weight rises (sigmoid ramp) to its full value,
+    counted from the end of the warm-up."""
+    warmup: float = 0.0
+    """Supervised-only start: a fraction (< 1) of train.iterations or a number of iterations (>= 1). No unlabelled
+    loss (and no unlabelled forward pass) before it."""
+    warm_start: str = ""
+    """A supervised V-Net run directory (its checkpoints/best.pt, else last.pt) or checkpoint file: both networks
+    start from its weights at step 0 (same model section needed; the text fusion starts fresh)."""
+    labelled_crop: str = "random"
+    """random: labelled patches are cropped like the unlabelled ones (train.foreground_crop is not used by this
+    method); config: labelled patches follow train.foreground_crop."""
     cutmix_beta: float = 4.0
     """Fraction of each mixed patch taken from the partner image ~ Beta(b, b) (a box with that volume)."""
     predict_with: str = "mean"
     """mean: average of the two networks' softmax; a: network A only."""
 
 
-def unified_segmentation_loss(logits: torch.Tensor, peer_probs: torch.Tensor, confidence: float) -> torch.Tensor:
-    """Mean over voxels of: -log p[argmax q] where max q >= tau (confident peer), else mean_k (p_k - q_k)^2.
+def unified_segmentation_loss(logits: torch.Tensor, peer_probs: torch.Tensor, confidence: float,
+                              reduction: str = "parts") -> torch.Tensor:
+    """Unified Segmentation loss: -log p[argmax q] on voxels where the peer is confident (max q >= tau), the mean
+    squared error over classes, mean_k (p_k - q_k)^2, on the others.
 
     logits (B, K, *spatial) of the trained network, peer_probs (B, K, *spatial) softmax of the peer (no gradient).
-    Each voxel contributes exactly one of the two terms, so the loss stays on one scale whatever the share of
-    confident voxels (the paper does not give its normalisation; this is our choice).
+    ``reduction``: ``parts`` (default) averages the NLL over the confident voxels and the MSE over the other voxels
+    and adds the two (the normalisation of TraCoCo's peer losses, LLM-SegNet's co-training lineage; a part with no
+    voxel counts 0); ``voxel`` averages each voxel's single term over all voxels (the first version: the NLL then
+    shrinks with the share of confident voxels and the MSE with the share of the others).
     """
     peer_probs = peer_probs.detach()
     conf, hard = peer_probs.max(1)
     confident = (conf >= confidence).to(logits.dtype)
     nll = F.cross_entropy(logits, hard, reduction="none")
     mse = (torch.softmax(logits, 1) - peer_probs).pow(2).mean(1)
-    return (confident * nll + (1 - confident) * mse).mean()
+    if reduction == "voxel":
+        return (confident * nll + (1 - confident) * mse).mean()
+    if reduction != "parts":
+        raise ValueError(f"reduction must be 'parts' or 'voxel', got '{reduction}'")
+    other = 1 - confident
+    return (confident * nll).sum() / confident.sum().clamp_min(1.0) + (other * mse).sum() / other.sum().clamp_min(1.0)
 
 
 def cross_pseudo_loss(logits: torch.Tensor, peer_probs: torch.Tensor) -> torch.Tensor:
@@ -95,7 +127,8 @@ def mix(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class TextFusion(nn.Module):
-    """F' = F + lambda * Linear(t), broadcast over the bottleneck's spatial grid."""
+    """F' = F + lambda * Linear(t), broadcast over the bottleneck's spatial grid: a per-channel constant for a given
+    text (``fusion: bias``, the first version; kept for comparison)."""
 
     def __init__(self, text_dim: int, channels: int, init: float):
         super().__init__()
@@ -107,13 +140,43 @@ class TextFusion(nn.Module):
         return feat + self.weight * t
 
 
+class TextFiLM(nn.Module):
+    """F' = F + lambda * (gamma(t) * LN(F) + beta(t)) on a bottleneck F (B, C, *spatial).
+
+    LN normalises each voxel's feature vector over the channels (no affine), so the modulation does not depend on
+    the window size at inference. (gamma, beta) = Linear(t / |t|), its weights drawn from N(0, 1) so that for a unit
+    text both have unit scale per channel; with lambda = ``init`` the fused term starts at about ``init`` times the
+    scale of LN(F) (near identity) while every part of it gets gradients from the start. Another text changes F'
+    by lambda ((gamma1 - gamma2) LN(F) + beta1 - beta2): a different amount at every voxel, not a bias."""
+
+    def __init__(self, text_dim: int, channels: int, init: float):
+        super().__init__()
+        self.channels = channels
+        self.proj = nn.Linear(text_dim, 2 * channels)
+        nn.init.normal_(self.proj.weight, std=1.0)
+        nn.init.zeros_(self.proj.bias)
+        self.weight = nn.Parameter(torch.tensor(float(init)))
+
+    def modulation(self, text: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        t = F.normalize(text.to(dtype).flatten(), dim=0)
+        gamma, beta = self.proj(t).split(self.channels)
+        return gamma, beta
+
+    def forward(self, feat: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.modulation(text, feat.dtype)
+        shape = (1, -1) + (1,) * (feat.ndim - 2)
+        normed = F.layer_norm(feat.movedim(1, -1), (feat.shape[1],)).movedim(-1, 1)
+        return feat + self.weight * (gamma.view(shape) * normed + beta.view(shape))
+
+
 class TextGuidedNet(nn.Module):
     """A V-Net whose bottleneck is fused with a text embedding (passed in, shared by both networks)."""
 
-    def __init__(self, net: nn.Module, text_dim: int, fusion_init: float):
+    def __init__(self, net: nn.Module, text_dim: int, fusion_init: float, fusion: str = "film"):
         super().__init__()
         self.net = net
-        self.fusion = TextFusion(text_dim, net.bottleneck_channels, fusion_init)
+        kind = {"film": TextFiLM, "bias": TextFusion}[fusion]
+        self.fusion = kind(text_dim, net.bottleneck_channels, fusion_init)
 
     def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         feats = self.net.encode(x)
@@ -138,6 +201,13 @@ class LLMSegNet(Method):
             raise ConfigError(f"config key 'llm_segnet.confidence' must be in (0, 1], got {p.confidence}")
         if p.cutmix_beta <= 0:
             raise ConfigError(f"config key 'llm_segnet.cutmix_beta' must be > 0, got {p.cutmix_beta}")
+        for key, allowed in (("fusion", ("film", "bias")), ("labelled_crop", ("random", "config"))):
+            if getattr(p, key) not in allowed:
+                raise ConfigError(f"config key 'llm_segnet.{key}' must be one of {', '.join(allowed)}, "
+                                  f"got '{getattr(p, key)}'")
+        if p.warmup < 0 or p.rampup < 0:
+            raise ConfigError(f"config keys 'llm_segnet.warmup' and 'llm_segnet.rampup' must be >= 0, got "
+                              f"{p.warmup} and {p.rampup}")
         return p
 
     def __init__(self, cfg, device):
@@ -157,11 +227,49 @@ class LLMSegNet(Method):
                 raise ConfigError(f"config key 'llm_segnet.knowledge': {exc}") from exc
             # A persistent buffer: the checkpoint keeps the embedding the networks were trained with.
             self.register_buffer("text_embedding", torch.as_tensor(vector, dtype=torch.float32))
-            self.net_a = TextGuidedNet(self.build_network(), len(vector), p.fusion_init)
-            self.net_b = TextGuidedNet(self.build_network(), len(vector), p.fusion_init)
+            self.net_a = TextGuidedNet(self.build_network(), len(vector), p.fusion_init, p.fusion)
+            self.net_b = TextGuidedNet(self.build_network(), len(vector), p.fusion_init, p.fusion)
         else:
             self.text_embedding = None
             self.net_a, self.net_b = self.build_network(), self.build_network()
+        iters = cfg.train.iterations
+        self.warmup_steps = int(round(p.warmup * iters)) if p.warmup < 1 else int(p.warmup)
+        self.rampup_steps = int(round(p.rampup * iters))
+
+    def unlabelled_weight(self, step: int) -> float:
+        """0 during the warm-up, then the sigmoid ramp to ``unlabelled_weight`` over ``rampup``."""
+        if step < self.warmup_steps:
+            return 0.0
+        return self.params.unlabelled_weight * sigmoid_rampup(step - self.warmup_steps, self.rampup_steps)
+
+    def vnets(self) -> list[nn.Module]:
+        """The two V-Nets (inside their text fusion wrappers, if any)."""
+        return [n.net if isinstance(n, TextGuidedNet) else n for n in (self.net_a, self.net_b)]
+
+    def load_warm_start(self, path) -> str:
+        """Both V-Nets from a supervised run directory or checkpoint; returns the file used."""
+        from pathlib import Path
+
+        from ..infer import find_checkpoint
+
+        path = Path(path)
+        ckpt = find_checkpoint(path) if path.is_dir() else path
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"config key 'llm_segnet.warm_start': {path} is neither a run directory nor a "
+                                    f"checkpoint file")
+        state = torch.load(ckpt, map_location=self.device, weights_only=False)
+        state = state.get("method", state)
+        vnet = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+        if not vnet:
+            raise ValueError(f"{ckpt}: no supervised network weights (keys 'net.*'); warm_start needs a "
+                             f"supervised run with model '{self.cfg.model.name}'")
+        for net in self.vnets():
+            try:
+                net.load_state_dict(vnet)
+            except RuntimeError as exc:
+                raise ValueError(f"{ckpt}: the supervised network does not fit this model section "
+                                 f"({self.cfg.model.name}, features {self.cfg.model.features}): {exc}") from exc
+        return str(ckpt)
 
     def run(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return net(x, self.text_embedding) if self.text_embedding is not None else net(x)
@@ -178,6 +286,17 @@ class LLMSegNet(Method):
         p = self.params
         xl, y, xu = labelled.image, labelled.label, unlabelled.image
         n = xl.shape[0]
+        w = self.unlabelled_weight(step)
+        if step < self.warmup_steps:  # supervised warm-up: labelled images only
+            sup_a = dice_ce_loss(self.run(self.net_a, xl), y)
+            sup_b = dice_ce_loss(self.run(self.net_b, xl), y)
+            zero = torch.zeros((), device=xl.device)
+            out = {"loss": sup_a + sup_b, "sup_a": sup_a.detach(), "sup_b": sup_b.detach(), "unsup_a": zero,
+                   "unsup_b": zero, "unsup_weight": torch.tensor(0.0)}
+            if self.text_embedding is not None:
+                out["lambda_a"] = self.net_a.fusion.weight.detach()
+                out["lambda_b"] = self.net_b.fusion.weight.detach()
+            return out
         box = cutmix_box(xu.shape[2:], p.cutmix_beta, xu.device)
         logits_a = self.run(self.net_a, torch.cat([xl, xu]))
         logits_b = self.run(self.net_b, torch.cat([xl, mix(xu, box)]))
@@ -186,8 +305,6 @@ class LLMSegNet(Method):
         mixed_a = mix(logits_a[n:], box)  # A's raw predictions, brought into the CutMix space of B's input
         unsup_a = self.unlabelled_loss(mixed_a, logits_b[n:])
         unsup_b = self.unlabelled_loss(logits_b[n:], mixed_a)
-        ramp_len = p.rampup * self.cfg.train.iterations
-        w = p.unlabelled_weight * sigmoid_rampup(step, int(ramp_len))
         loss = sup_a + sup_b + w * (unsup_a + unsup_b)
         out = {"loss": loss, "sup_a": sup_a.detach(), "sup_b": sup_b.detach(), "unsup_a": unsup_a.detach(),
                "unsup_b": unsup_b.detach(), "unsup_weight": torch.tensor(w)}
@@ -204,7 +321,17 @@ class LLMSegNet(Method):
         return torch.log(probs.clamp_min(1e-8))  # the predictor's softmax gives back the averaged probabilities
 
     def on_step(self, trainer, step: int) -> None:
-        """Record the knowledge text used (provenance) once, at the start of a run."""
+        """At step 0: the warm start and the knowledge text used (provenance). Every step: the labelled crop policy
+        (the trainer's labelled sampler is built from train.foreground_crop)."""
+        sampler = getattr(trainer, "labelled_sampler", None)
+        if self.params.labelled_crop == "random" and sampler is not None and sampler.foreground_prob:
+            sampler.foreground_prob = 0.0
+            if step == 0:
+                trainer.log.write(event="llm_segnet_crops", labelled_crop="random",
+                                  ignored={"train.foreground_crop": self.cfg.train.foreground_crop})
+        if step == 0 and self.params.warm_start:
+            used = self.load_warm_start(self.params.warm_start)
+            trainer.log.write(event="warm_start", checkpoint=used)
         if step == 0 and self.knowledge_text and trainer.is_main:
             from ..utils import atomic_write_text
 
