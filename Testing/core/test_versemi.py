@@ -67,7 +67,8 @@ def test_task_head_is_a_per_sample_dynamic_convolution():
 def _raw(tmp_path: Path | None = None) -> dict:
     raw = yaml.safe_load((REPO / "Resources/configs/versemi_la_acdc.yaml").read_text())
     raw["data"].update(root=str(DATA / "la2018"), max_cases=5, labelled=2, val=1, unlabelled=2)
-    raw["versemi"]["datasets"][1].update(root=str(DATA / "acdc"), max_cases=6, labelled=2, val=1, unlabelled=2)
+    raw["versemi"]["datasets"][1].update(root=str(DATA / "acdc"), max_cases=6, labelled=2, val=1, unlabelled=2,
+                                         patch_size=[16, 32, 32])
     raw["model"]["features"] = 4
     raw["train"].update(iterations=4, patch_size=[16, 32, 32], batch_size=1, unlabelled_batch_size=1, val_every=4,
                         checkpoint_every=2, augment=True)
@@ -117,7 +118,8 @@ def test_two_datasets_both_stages_resume_and_per_task_evaluation(tmp_path):
     vs.setup(first)
     stage1 = vs.training_step(None, None, 0)
     assert set(stage1) == {"loss", "sup", "chaos", "spec"} and torch.isfinite(stage1["loss"])
-    assert first.fit() == {"stopped": True, "step": 2}
+    stopped = first.fit()  # (the trainer's result also names the signal since its fault handling landed)
+    assert stopped["stopped"] is True and stopped["step"] == 2
     saved = {d.name: d.sampler.state_dict() for d in vs.data}
 
     second = Trainer(cfg, run, quiet=True)
@@ -143,3 +145,57 @@ def test_two_datasets_both_stages_resume_and_per_task_evaluation(tmp_path):
     assert set(np.unique(seg.array)) <= {0, 1, 2, 3}
     one = second.method.predictor("acdc", task="myocardium").segment(image)
     assert set(np.unique(one.array)) <= {0, 1}
+
+
+def test_head_pools_what_differs_between_samples():
+    """Issue 13: with instance norm before the pooled controller input, two bottlenecks that differ by a per-channel
+    scale and shift give the controller the same vector; the released head's batch norm (and DoDNet's group norm)
+    keeps them apart."""
+    torch.manual_seed(0)
+    b1 = torch.randn(1, 32, 3, 3, 2)
+    b2 = (torch.rand(1, 32, 1, 1, 1) + 0.5) * b1 + torch.randn(1, 32, 1, 1, 1)  # another scale, shift per channel
+    pooled = {}
+    for norm in ("instance", "batch", "group"):
+        head = TaskPromptedHead(decoder_channels=4, bottleneck_channels=32, num_tasks=2, norm="none", pool_norm=norm)
+        with torch.no_grad():
+            p = head.pool(torch.cat([b1, b2])).flatten(1)
+        pooled[norm] = float((p[0] - p[1]).norm() / p.norm())
+    assert pooled["instance"] < 1e-4
+    assert pooled["batch"] > 0.1 and pooled["group"] > 0.1
+
+
+@needs_data
+def test_stage2_draws_unlabelled_batches_with_a_patch_per_dataset(tmp_path):
+    """Issue 13: stage 2 starts at versemi.unlabelled_start and then draws an unlabelled batch from every dataset
+    each step, whose patches reach the loss; each dataset samples its own patch shape (LA 32^3,
+    ACDC 16 x 32 x 32), mixed across shapes; the network is the released one (no full-resolution stage)."""
+    from semiseg.train.trainer import Trainer
+
+    raw = _raw()
+    raw["train"].update(patch_size=[32, 32, 32], iterations=4)
+    raw["versemi"]["unlabelled_start"] = 0.5
+    cfg = config_from_dict(raw)
+    trainer = Trainer(cfg, tmp_path / "run", quiet=True)
+    vs: VerSemi = trainer.method
+    assert vs.stage2_from == 2 and isinstance(vs.net.dec1, torch.nn.Identity)
+    vs.setup(trainer)
+    assert [d.sampler.patch for d in vs.data] == [(32, 32, 32), (16, 32, 32)]
+    drawn = {d.name: [] for d in vs.data}
+    for d in vs.data:
+        assert d.unlabelled_sampler is not None and d.unlabelled_sampler.patch == d.sampler.patch
+        draw = d.unlabelled_sampler.next_batch
+
+        def counted(draw=draw, name=d.name):
+            batch = draw()
+            drawn[name].append(tuple(batch.image.shape))
+            return batch
+
+        d.unlabelled_sampler.next_batch = counted
+    out = vs.training_step(None, None, 1)  # stage 1: labelled only
+    assert "unl" not in out and all(not v for v in drawn.values())
+    out = vs.training_step(None, None, 2)  # stage 2
+    assert drawn == {"la2018": [(1, 1, 32, 32, 32)], "acdc": [(1, 1, 16, 32, 32)]}
+    assert {"unl", "cube"} <= set(out) and float(out["unlabelled_patches"]) == 2
+    assert torch.isfinite(out["loss"]) and out["loss"].requires_grad
+    with torch.no_grad():  # the validation window of each dataset follows its patch
+        assert vs.predictor("acdc").patch_size == [16, 32, 32]

@@ -21,9 +21,17 @@ Dice here is VerSemi's (V-Net) loss on a foreground probability, 1 - (2 sum pg +
 pooled over the batch separately for each task.
 
 Data: the first dataset is the trainer's ``data:`` section (its split is the trainer's manifest); every further
-dataset (``versemi.datasets``) is split with ``make_manifest`` and sampled here, all with the common
-``train.patch_size`` (volumes smaller than the patch are padded, e.g. ACDC's ~10 slices to 16). Inference prompts
-each task of a dataset and writes one label map per volume on its own grid (structure value = the task's label).
+dataset (``versemi.datasets``) is split with ``make_manifest`` and sampled here. Each dataset has its own patch
+(``patch_size``; the first uses ``train.patch_size``) that fits its grid: a 16-slice slab of isotropic LA is 10 mm,
+while 16 ACDC slices cover the heart (volumes smaller than the patch are padded, e.g. ACDC's ~10 slices to 16).
+The backbone runs once per patch shape; where two patches of different shapes are mixed (CutMix across datasets),
+the partner patch is resampled to the host's shape first (trilinear; labels nearest). Inference prompts each task
+of a dataset and writes one label map per volume on its own grid (structure value = the task's label).
+
+Network as released (``vnet_odod_mix.py``): no full-resolution skip (the head reads the last up-convolution's
+output; ``full_res_skip: true`` restores our V-Net's last skip and convolution stage), and batch norm before the
+pooled controller input and the head's 1x1 convolution (``head_norm``) whatever the backbone's norm: an instance
+norm there would standardise each sample's channels on their own and leave the controller little of the image.
 """
 from __future__ import annotations
 
@@ -69,6 +77,11 @@ class DatasetSpec:
     intensity: Optional[str] = None
     batch_size: Optional[int] = None
     """Labelled patches of this dataset per step (default: train.batch_size)."""
+    patch_size: Optional[list] = None
+    """This dataset's training patch (default: train.patch_size; the first dataset always uses train.patch_size).
+    Sides must be multiples of 16."""
+    infer_patch_size: Optional[list] = None
+    """This dataset's sliding window (default: its patch_size if set, else infer.patch_size or train.patch_size)."""
     unlabelled_batch_size: Optional[int] = None
     """Unlabelled patches of this dataset per step in stage 2 (default: train.unlabelled_batch_size)."""
     val_max_cases: Optional[int] = None
@@ -84,6 +97,11 @@ class VerSemiParams:
     """DatasetSpec mappings; the first describes the trainer's ``data`` section."""
     head_width: int = 8
     head_layers: int = 3
+    head_norm: str = "batch"
+    """Norm before the pooled controller input and before the head's 1x1 convolution: batch (released code),
+    group (DoDNet), instance or none."""
+    full_res_skip: bool = False
+    """Keep the V-Net's full-resolution skip and last convolution stage (the released network has neither)."""
     norm: Optional[str] = None
     """Normalisation of the V-Net and head; default ``model.norm`` (the paper uses instance norm: batches mix
     datasets, so batch statistics would mix them too)."""
@@ -117,10 +135,16 @@ class VerSemiParams:
             if i == 0:
                 bad = sorted(k for k in raw if k not in _FIRST_DATASET_KEYS)
                 if bad:
+                    home = {"patch_size": "train", "infer_patch_size": "infer (as patch_size)"}.get(bad[0], "data")
                     raise ConfigError(f"config key '{where}.{bad[0]}': the first dataset is the trainer's data "
-                                      f"section; set '{bad[0]}' under data: instead")
+                                      f"section; set '{bad[0]}' under {home}: instead")
             elif not spec.root:
                 raise ConfigError(f"config key '{where}.root' is required")
+            for key in ("patch_size", "infer_patch_size"):
+                value = getattr(spec, key)
+                if value is not None and (not isinstance(value, list) or len(value) != 3
+                                          or not all(isinstance(v, int) and v > 0 and v % 16 == 0 for v in value)):
+                    raise ConfigError(f"config key '{where}.{key}' must be 3 positive multiples of 16, got {value!r}")
             specs.append(spec)
         self.datasets = specs
         if len(self.cube_ratio_range) != 2 or not 0 < self.cube_ratio_range[0] <= self.cube_ratio_range[1] < 1:
@@ -128,6 +152,9 @@ class VerSemiParams:
                               f"got {self.cube_ratio_range}")
         if not 0 < self.cube_ratio < 1:
             raise ConfigError(f"config key 'versemi.cube_ratio' must be in (0, 1), got {self.cube_ratio}")
+        if self.head_norm not in ("batch", "group", "instance", "none"):
+            raise ConfigError(f"config key 'versemi.head_norm' must be batch, group, instance or none, got "
+                              f"'{self.head_norm}'")
 
 
 @dataclass
@@ -158,6 +185,9 @@ class _Data:
         self.group_pattern = spec.group_pattern if spec.root else d.group_pattern
         self.intensity = pick(spec.intensity, d.intensity)
         self.batch_size = pick(spec.batch_size, t.batch_size)
+        self.patch = tuple(spec.patch_size or t.patch_size)
+        default_window = cfg.infer.patch_size or t.patch_size
+        self.infer_patch = list(spec.infer_patch_size or spec.patch_size or default_window)
         self.unlabelled_batch_size = pick(spec.unlabelled_batch_size, t.unlabelled_batch_size)
         self.val_max_cases = pick(spec.val_max_cases, t.val_max_cases)
         self.largest_component = pick(spec.largest_component, cfg.infer.largest_component)
@@ -202,6 +232,20 @@ def cube_masks(n: int, patch, ratio, generator: torch.Generator | None = None, d
     return masks
 
 
+def resample_to(x: torch.Tensor, shape: tuple[int, ...], nearest: bool = False) -> torch.Tensor:
+    """A patch (C, *S) or label patch (*S) resampled to ``shape`` (trilinear, or nearest for labels); unchanged
+    when it already has that shape."""
+    if tuple(x.shape[-len(shape):]) == tuple(shape):
+        return x
+    lead = x.ndim - len(shape)
+    t = x.reshape((1,) * (2 - lead) + tuple(x.shape)).float()
+    if nearest:
+        out = F.interpolate(t, size=tuple(shape), mode="nearest")
+    else:
+        out = F.interpolate(t, size=tuple(shape), mode="trilinear", align_corners=False)
+    return out.reshape(tuple(x.shape[:lead]) + tuple(shape)).to(x.dtype)
+
+
 class VerSemi(Method):
     name = "versemi"
     needs_unlabelled = False  # each dataset's unlabelled cases are loaded here, not by the trainer
@@ -239,8 +283,11 @@ class VerSemi(Method):
         norm = p.norm or cfg.model.norm
         self.net = self.build_network(norm=norm)
         self.net.head = torch.nn.Identity()  # replaced by the task-prompted head
+        if not p.full_res_skip:
+            self.net.dec1 = torch.nn.Identity()  # the released network has no convolution stage at full resolution
         self.head = TaskPromptedHead(self.net.decoder_channels, self.net.bottleneck_channels, len(self.tasks) + 1,
-                                     width=p.head_width, layers=p.head_layers, norm=norm)
+                                     width=p.head_width, layers=p.head_layers, norm=p.head_norm,
+                                     pool_norm=p.head_norm)
         self.infer_dataset = self.dataset_index(p.infer_dataset) if p.infer_dataset else 0
         self._ready = False
         self._pending_state: dict = {}
@@ -283,11 +330,11 @@ class VerSemi(Method):
             if not d.train_cases:
                 raise ValueError(f"{d.root}: no labelled training cases for versemi ({d.manifest.summary()})")
             seed = t.seed * 1000 + 100 * d.index  # under torchrun every rank draws the global batch, keeps a share
-            d.sampler = PatchSampler(d.train_cases, t.patch_size, d.batch_size, seed, t.augment, t.foreground_crop,
+            d.sampler = PatchSampler(d.train_cases, d.patch, d.batch_size, seed, t.augment, t.foreground_crop,
                                      **share)
             if need_unlabelled and d.manifest.unlabelled and d.unlabelled_batch_size > 0:
                 d.unlabelled_cases = d.load(d.manifest.unlabelled, False)
-                d.unlabelled_sampler = PatchSampler(d.unlabelled_cases, t.patch_size, d.unlabelled_batch_size,
+                d.unlabelled_sampler = PatchSampler(d.unlabelled_cases, d.patch, d.unlabelled_batch_size,
                                                     seed + 50, t.augment, **share)
         if need_unlabelled and not any(d.unlabelled_sampler for d in self.data):
             raise ValueError("versemi: stage 2 (versemi.unlabelled_start) needs unlabelled cases, but no dataset has "
@@ -303,8 +350,9 @@ class VerSemi(Method):
                     getattr(d, kind).load_state_dict(state)
         self._ready = True
         trainer.log.write(event="versemi_data", datasets={
-            d.name: {"split": d.manifest.summary(), "tasks": {t.name: t.value for t in self.tasks_of(d.index)}}
-            for d in self.data})
+            d.name: {"split": d.manifest.summary(), "tasks": {t.name: t.value for t in self.tasks_of(d.index)},
+                     "patch": list(d.patch)}
+            for d in self.data}, stage2_from=self.stage2_from)
 
     def get_extra_state(self):
         state = dict(self._pending_state)
@@ -323,148 +371,176 @@ class VerSemi(Method):
                         getattr(d, kind).load_state_dict(self._pending_state[f"{d.name}/{kind}"])
 
     # -- batches ----------------------------------------------------------------------------------------------
-    def _draw(self, kind: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Images, labels (raw label values) and dataset index of one patch batch drawn from every dataset."""
+    def _draw(self, kind: str) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, list[int]]:
+        """One patch batch from every dataset (``sampler`` or ``unlabelled_sampler``): images (C, *P_d), labels
+        (*P_d, raw label values; None for unlabelled batches) and the dataset index of each patch."""
         images, labels, owner = [], [], []
         for d in self.data:
             sampler = getattr(d, kind)
             if sampler is None:
                 continue
             b: Batch = sampler.next_batch()
-            images.append(b.image)
-            labels.append(b.label)
+            images += list(b.image.to(self.device))
+            labels += [None] * len(b.image) if b.label is None else list(b.label.to(self.device))
             owner += [d.index] * b.image.shape[0]
-        x = torch.cat(images).to(self.device)
-        y = None if any(lab is None for lab in labels) else torch.cat(labels).to(self.device)
-        return x, y, torch.tensor(owner, device=self.device)
+        return images, None if any(lab is None for lab in labels) else labels, owner
 
-    def _union(self, y: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
-        """Foreground of the expanded label space: any task structure of the sample's dataset."""
+    def _union(self, y: torch.Tensor, dataset: int) -> torch.Tensor:
+        """Foreground of the expanded label space for one patch: any task structure of its dataset."""
         out = torch.zeros_like(y, dtype=torch.bool)
-        for t in self.tasks:
-            out |= (owner == t.dataset).reshape(-1, *[1] * (y.ndim - 1)) & (y == t.value)
+        for t in self.tasks_of(dataset):
+            out |= y == t.value
         return out.float()
 
     # -- network ----------------------------------------------------------------------------------------------
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoder output (B, base, *S) and bottleneck (B, 16 base, *S/16)."""
+        """Decoder output (B, base, *S) and bottleneck (B, 16 base, *S/16). Without ``full_res_skip`` (the
+        released network) the decoder output is the last up-convolution's, with no skip from full resolution."""
         feats = self.net.encode(x)
-        return self.net.decode_features(feats), feats[-1]
+        if self.params.full_res_skip:
+            return self.net.decode_features(feats), feats[-1]
+        n = self.net
+        x1, x2, x3, x4, x5 = feats
+        y = n.dec4(n.up4(x5) + x4)
+        y = n.dec3(n.up3(y) + x3)
+        y = n.dec2(n.up2(y) + x2)
+        return n.dropout(n.up1(y)), x5
 
-    def prompt(self, dec, bott, index: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
-        """2-class logits of sample ``index[i]`` prompted with task ``task[i]``."""
-        return self.head(dec[index], bott[index], task)
+    def head_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's task-independent inputs for images x: (B, width, *S) and the pooled bottleneck (B, Cb)."""
+        return self.head.prepare(*self.features(x))
 
-    def _task_loss(self, dec, bott, index, task, target, ce: bool) -> torch.Tensor:
-        """Mean over the tasks present of the per-task pooled Dice (+ CE)."""
-        logits = self.prompt(dec, bott, index, task)
-        prob = torch.softmax(logits, 1)[:, 1]
+    def _prompts(self, images: list[torch.Tensor], requests: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """2-class logits (2, *P) for each request (image index, task id); one backbone pass per patch shape."""
+        groups: dict[tuple, list[int]] = {}
+        for i, im in enumerate(images):
+            groups.setdefault(tuple(im.shape), []).append(i)
+        out: list[torch.Tensor | None] = [None] * len(requests)
+        for members in groups.values():
+            pos = {i: k for k, i in enumerate(members)}
+            todo = [(r, pos[i], t) for r, (i, t) in enumerate(requests) if i in pos]
+            if not todo:
+                continue
+            hx, pooled = self.head_inputs(torch.stack([images[i] for i in members]))
+            index = torch.tensor([k for _, k, _ in todo], device=hx.device)
+            task = torch.tensor([t for _, _, t in todo], device=hx.device)
+            for (r, _, _), logits in zip(todo, self.head.run(hx[index], pooled[index], task)):
+                out[r] = logits
+        return out
+
+    @staticmethod
+    def _pooled_loss(logits: list[torch.Tensor], targets: list[torch.Tensor], tasks: list[int],
+                     ce: bool) -> torch.Tensor:
+        """Mean over the tasks present of the task's Dice pooled over all its patches (+ CE over their voxels)."""
         losses = []
-        for t in task.unique():
-            sel = task == t
-            loss = dice_loss(prob[sel], target[sel])
+        for t in sorted(set(tasks)):
+            sel = [k for k, tk in enumerate(tasks) if tk == t]
+            lg = torch.cat([logits[k].reshape(logits[k].shape[0], -1) for k in sel], 1)  # (2, voxels)
+            tg = torch.cat([targets[k].reshape(-1) for k in sel])
+            loss = dice_loss(torch.softmax(lg, 0)[1], tg)
             if ce:
-                loss = loss + F.cross_entropy(logits[sel], target[sel].long())
+                loss = loss + F.cross_entropy(lg.t(), tg.long())
             losses.append(loss)
         return torch.stack(losses).mean()
 
-    def _supervised(self, dec, bott, y, owner) -> torch.Tensor:
-        index, task, target = [], [], []
-        for i in range(y.shape[0]):
-            for t in self.tasks_of(int(owner[i])):
-                index.append(i)
-                task.append(t.id)
-                target.append(y[i] == t.value)
-        return self._task_loss(dec, bott, torch.tensor(index, device=y.device), torch.tensor(task, device=y.device),
-                               torch.stack(target), ce=True)
+    def _supervised(self, images, labels, owner) -> torch.Tensor:
+        requests, targets = [], []
+        for i, y in enumerate(labels):
+            for t in self.tasks_of(owner[i]):
+                requests.append((i, t.id))
+                targets.append(y == t.value)
+        logits = self._prompts(images, requests)
+        return self._pooled_loss(logits, targets, [t for _, t in requests], ce=True)
 
-    def _pairs(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        perm = torch.randperm(n).to(self.device)
+    def _pairs(self, n: int) -> tuple[list[int], list[int]]:
+        perm = torch.randperm(n).tolist()
         half = n // 2
         return perm[:half], perm[half:2 * half]
 
-    def _synthetic(self, x_mix: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Foreground probability of the synthetic task on ``x_mix``, and the features (for more prompts)."""
-        dec, bott = self.features(x_mix)
-        n = x_mix.shape[0]
-        ids = torch.full((n,), self.synthetic, device=x_mix.device, dtype=torch.long)
-        return torch.softmax(self.head(dec, bott, ids), 1)[:, 1], (dec, bott)
-
-    def _labelled_mix(self, x, y, owner, ratio):
-        """CutMix of labelled pairs: the mix, its mask, pair indices and the synthetic-task loss."""
-        a, b = self._pairs(x.shape[0])
-        if len(a) == 0:
+    def _labelled_mix(self, images, labels, owner, ratio, specific: bool):
+        """CutMix of labelled pairs (b's cube pasted into a; b resampled to a's patch if they differ): the
+        synthetic-task Dice against the union labels and, with ``specific``, the mean task-specific Dice (each task
+        of a or b on the mix, target = its structure where it came from)."""
+        a, b = self._pairs(len(images))
+        if not a:
             raise ValueError("versemi needs at least two labelled patches per step for CutMix")
-        m = cube_masks(len(a), x.shape[2:], ratio, device=x.device)
-        x_mix = x[a] * m.unsqueeze(1) + x[b] * (1 - m.unsqueeze(1))
-        union = self._union(y, owner)
-        y_mix = union[a] * m + union[b] * (1 - m)
-        prob, feats = self._synthetic(x_mix)
-        return dice_loss(prob, y_mix), (a, b, m, feats)
-
-    def _specific(self, y, owner, a, b, m, feats) -> torch.Tensor:
-        """Each task of a pair's two samples on their mix; the target is its structure where it came from."""
-        dec, bott = feats
-        index, task, target = [], [], []
-        for j in range(len(a)):
-            da, db = int(owner[a[j]]), int(owner[b[j]])
+        mixes, unions, requests, targets = [], [], [], []
+        for j, (ia, ib) in enumerate(zip(a, b)):
+            shape = tuple(images[ia].shape[1:])
+            m = cube_masks(1, shape, ratio, device=images[ia].device)[0]
+            yb = resample_to(labels[ib], shape, nearest=True)
+            mixes.append(images[ia] * m + resample_to(images[ib], shape) * (1 - m))
+            unions.append(self._union(labels[ia], owner[ia]) * m + self._union(yb, owner[ib]) * (1 - m))
+            requests.append((j, self.synthetic))
+            if not specific:
+                continue
             for t in self.tasks:
-                if t.dataset not in (da, db):
+                if t.dataset not in (owner[ia], owner[ib]):
                     continue
-                tgt = torch.zeros_like(m[j])
-                if t.dataset == da:
-                    tgt = tgt + (y[a[j]] == t.value).float() * m[j]
-                if t.dataset == db:
-                    tgt = tgt + (y[b[j]] == t.value).float() * (1 - m[j])
-                index.append(j)
-                task.append(t.id)
-                target.append(tgt)
-        return self._task_loss(dec, bott, torch.tensor(index, device=m.device), torch.tensor(task, device=m.device),
-                               torch.stack(target), ce=False)
+                target = torch.zeros_like(m)
+                if t.dataset == owner[ia]:
+                    target = target + (labels[ia] == t.value).float() * m
+                if t.dataset == owner[ib]:
+                    target = target + (yb == t.value).float() * (1 - m)
+                requests.append((j, t.id))
+                targets.append(target)
+        logits = self._prompts(mixes, requests)
+        syn = [torch.softmax(lg, 0)[1].flatten() for lg, (_, t) in zip(logits, requests) if t == self.synthetic]
+        l_chaos = dice_loss(torch.cat(syn), torch.cat([u.flatten() for u in unions]))
+        if not specific:
+            return l_chaos, None
+        spec = [(lg, t) for lg, (_, t) in zip(logits, requests) if t != self.synthetic]
+        return l_chaos, self._pooled_loss([lg for lg, _ in spec], targets, [t for _, t in spec], ce=False)
+
+    def in_stage2(self, step: int) -> bool:
+        return self.stage2_from is not None and step >= self.stage2_from
 
     def training_step(self, labelled: Batch, unlabelled: Batch | None, step: int) -> dict[str, torch.Tensor]:
         # The trainer's own labelled batch (first dataset only) is not used: batches are drawn from every dataset.
         if not self._ready:
             raise RuntimeError("versemi: setup(trainer) must run before training (the trainer calls on_step)")
         p = self.params
-        x, y, owner = self._draw("sampler")
-        dec, bott = self.features(x)
-        l_sup = self._supervised(dec, bott, y, owner)
-        if self.stage2_from is None or step < self.stage2_from:
-            l_chaos, (a, b, m, feats) = self._labelled_mix(x, y, owner, p.cube_ratio)
-            l_spec = self._specific(y, owner, a, b, m, feats)
+        images, labels, owner = self._draw("sampler")
+        l_sup = self._supervised(images, labels, owner)
+        if not self.in_stage2(step):
+            l_chaos, l_spec = self._labelled_mix(images, labels, owner, p.cube_ratio, specific=True)
             loss = l_sup + l_chaos + l_spec
             return {"loss": loss, "sup": l_sup.detach(), "chaos": l_chaos.detach(), "spec": l_spec.detach()}
-        l_chaos_sup, _ = self._labelled_mix(x, y, owner, p.cube_ratio_range)
-        xu, _, _ = self._draw("unlabelled_sampler")
-        n = min(xu.shape[0], x.shape[0])
-        keep = torch.randperm(x.shape[0])[:n].to(self.device)
-        xl, yl = x[keep], self._union(y, owner)[keep]
-        m = cube_masks(n, x.shape[2:], p.cube_ratio_range, device=x.device)
-        x_c = xu[:n] * m.unsqueeze(1) + xl * (1 - m.unsqueeze(1))
-        syn, (dec_c, bott_c) = self._synthetic(x_c)
-        tasks = torch.arange(len(self.tasks), device=x.device).repeat(n)
-        index = torch.arange(n, device=x.device).repeat_interleave(len(self.tasks))
-        probs = torch.softmax(self.prompt(dec_c, bott_c, index, tasks), 1)[:, 1].reshape(n, len(self.tasks),
-                                                                                         *x.shape[2:])
-        aggregate = probs.amax(1).clamp(0, 1)
+        l_chaos_sup, _ = self._labelled_mix(images, labels, owner, p.cube_ratio_range, specific=False)
+        unl, _, _ = self._draw("unlabelled_sampler")
+        n = min(len(unl), len(images))
+        keep = torch.randperm(len(images))[:n].tolist()
+        mixes, cube_labels, masks, requests = [], [], [], []
+        per = len(self.tasks) + 1
+        for j in range(n):  # a labelled patch's cube pasted into an unlabelled patch
+            shape = tuple(unl[j].shape[1:])
+            lab = keep[j]
+            m = cube_masks(1, shape, p.cube_ratio_range, device=unl[j].device)[0]
+            mixes.append(unl[j] * m + resample_to(images[lab], shape) * (1 - m))
+            cube_labels.append(self._union(resample_to(labels[lab], shape, nearest=True), owner[lab]))
+            masks.append(m)
+            requests += [(j, t.id) for t in self.tasks] + [(j, self.synthetic)]
+        probs = [torch.softmax(lg, 0)[1] for lg in self._prompts(mixes, requests)]
+        syn = [probs[j * per + per - 1] for j in range(n)]
+        aggregate = [torch.stack(probs[j * per: j * per + per - 1]).amax(0).clamp(0, 1) for j in range(n)]
         if p.detach_aggregate:
-            aggregate = aggregate.detach()
-        l_unl = dice_loss(syn, aggregate)
-        l_cube = dice_loss(syn * (1 - m), yl * (1 - m))
+            aggregate = [a.detach() for a in aggregate]
+        l_unl = dice_loss(torch.cat([s.flatten() for s in syn]), torch.cat([a.flatten() for a in aggregate]))
+        l_cube = dice_loss(torch.cat([(s * (1 - m)).flatten() for s, m in zip(syn, masks)]),
+                           torch.cat([(y * (1 - m)).flatten() for y, m in zip(cube_labels, masks)]))
         loss = l_sup + l_chaos_sup + p.unlabelled_weight * l_unl + l_cube
         return {"loss": loss, "sup": l_sup.detach(), "chaos": l_chaos_sup.detach(), "unl": l_unl.detach(),
-                "cube": l_cube.detach()}
+                "cube": l_cube.detach(), "unlabelled_patches": torch.tensor(float(len(unl)))}
 
     # -- inference --------------------------------------------------------------------------------------------
     def task_probs(self, x: torch.Tensor, dataset: int) -> torch.Tensor:
         """Foreground probability of each task of ``dataset`` (B, T_d, *S), one backbone pass for all."""
-        dec, bott = self.features(x)
+        hx, pooled = self.head_inputs(x)
         tasks = self.tasks_of(dataset)
         n = x.shape[0]
         index = torch.arange(n, device=x.device).repeat(len(tasks))
         ids = torch.tensor([t.id for t in tasks], device=x.device).repeat_interleave(n)
-        prob = torch.softmax(self.prompt(dec, bott, index, ids), 1)[:, 1]
+        prob = torch.softmax(self.head.run(hx[index], pooled[index], ids), 1)[:, 1]
         return prob.reshape(len(tasks), n, *x.shape[2:]).transpose(0, 1)
 
     def structure_logits(self, x: torch.Tensor, dataset: int = 0, eps: float = 1e-6) -> torch.Tensor:
@@ -495,7 +571,7 @@ class VerSemi(Method):
         d = self.data[self.dataset_index(dataset) if isinstance(dataset, str) else dataset]
         cfg = copy.deepcopy(self.cfg)
         cfg.data = replace(cfg.data, root=d.root, intensity=d.intensity, num_classes=d.num_classes)
-        cfg.infer = replace(cfg.infer, largest_component=d.largest_component)
+        cfg.infer = replace(cfg.infer, largest_component=d.largest_component, patch_size=list(d.infer_patch))
         if task is None:
             net = partial(self.structure_logits, dataset=d.index)
         else:
@@ -526,8 +602,8 @@ class VerSemi(Method):
                 "dice_per_task": per_task}
 
     def _single_task_logits(self, x: torch.Tensor, task: int) -> torch.Tensor:
-        dec, bott = self.features(x)
-        return self.head(dec, bott, torch.full((x.shape[0],), task, device=x.device, dtype=torch.long))
+        hx, pooled = self.head_inputs(x)
+        return self.head.run(hx, pooled, torch.full((x.shape[0],), task, device=x.device, dtype=torch.long))
 
 
 # -- per-task evaluation -------------------------------------------------------------------------------------------
