@@ -176,14 +176,14 @@ def test_text_branch_acts_by_more_than_a_bias(la_dir):
 
 def test_warm_up_warm_start_and_crop_policy(la_dir, cache, tmp_path):
     """Issue 13 (a): no unlabelled loss before the warm-up ends, then the ramp from there; both networks start from
-    a supervised checkpoint; the trainer's labelled patches are cropped like the unlabelled ones (random)."""
+    a supervised run's weights (train.init_from); the trainer's labelled patches are cropped like the unlabelled ones
+    (random)."""
     from types import SimpleNamespace
 
     sup_raw = {k: v for k, v in raw_config(la_dir, cache).items() if k != "llm_segnet"}
     sup_cfg = config_from_dict({**sup_raw, "method": "supervised"})
     supervised = build_method(sup_cfg, torch.device("cpu"))
-    torch.save({"method": supervised.state_dict()}, tmp_path / "sup.pt")
-    cfg = config_from_dict(raw_config(la_dir, cache, warmup=0.5, rampup=0.25, warm_start=str(tmp_path / "sup.pt")))
+    cfg = config_from_dict(raw_config(la_dir, cache, warmup=0.5, rampup=0.25))
     cfg.train.iterations = 100
     method = build_method(cfg, torch.device("cpu"))
     assert [method.unlabelled_weight(s) for s in (0, 49)] == [0.0, 0.0]
@@ -195,7 +195,8 @@ def test_warm_up_warm_start_and_crop_policy(la_dir, cache, tmp_path):
                               log=SimpleNamespace(write=lambda **r: events.append(r)))
     method.on_step(trainer, 0)
     assert sampler.foreground_prob == 0.0
-    assert {e["event"] for e in events} >= {"llm_segnet_crops", "warm_start", "knowledge"}
+    assert {e["event"] for e in events} >= {"llm_segnet_crops", "knowledge"}
+    assert method.load_initial_weights(supervised.state_dict(), "sup.pt") == 2 * len(supervised.net.state_dict())
     ref = supervised.net.state_dict()
     for net in method.vnets():
         for k, v in net.state_dict().items():
@@ -203,7 +204,7 @@ def test_warm_up_warm_start_and_crop_policy(la_dir, cache, tmp_path):
     lab = sampler.next_batch()
     unl = PatchSampler(cases[2:], (32, 32, 32), 1, seed=1).next_batch()
     out = method.training_step(lab, unl, step=10)  # warm-up: supervised terms only
-    assert float(out["unsup_weight"]) == 0.0 and float(out["loss"]) == pytest.approx(
+    assert float(out["unsup_weight"]) == 0.0 and float(out["loss"].detach()) == pytest.approx(
         float(out["sup_a"] + out["sup_b"]), rel=1e-6)
     assert float(method.training_step(lab, unl, step=80)["unsup_weight"]) == 1.0
     with pytest.raises(ConfigError, match="llm_segnet.labelled_crop"):

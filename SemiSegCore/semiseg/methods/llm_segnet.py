@@ -8,8 +8,8 @@ prediction is used once) and set against B's prediction on the mixed images, and
 NLL over the confident voxels and its MSE over the others (the normalisation of TraCoCo's peer losses).
 
 Schedule (issue 13): the unlabelled loss is off for a supervised warm-up (``warmup``) and then ramps up; both
-networks may also start from a supervised run (``warm_start``), so that the peers' pseudo-labels are worth learning
-from when the unlabelled loss starts. Labelled and unlabelled patches are cropped with the same (random) policy by
+networks may also start from a supervised V-Net run (``train.init_from``: its ``net.*`` weights go into both), so
+that the peers' pseudo-labels are worth learning from when the unlabelled loss starts. Labelled and unlabelled patches are cropped with the same (random) policy by
 default (``labelled_crop: random``): unlabelled cases have no labels to centre on, and foreground-centred labelled
 crops teach the networks a foreground prior that random unlabelled crops do not have (the USL then locks it in).
 
@@ -65,9 +65,6 @@ class LLMSegNetParams:
     warmup: float = 0.0
     """Supervised-only start: a fraction (< 1) of train.iterations or a number of iterations (>= 1). No unlabelled
     loss (and no unlabelled forward pass) before it."""
-    warm_start: str = ""
-    """A supervised V-Net run directory (its checkpoints/best.pt, else last.pt) or checkpoint file: both networks
-    start from its weights at step 0 (same model section needed; the text fusion starts fresh)."""
     labelled_crop: str = "random"
     """random: labelled patches are cropped like the unlabelled ones (train.foreground_crop is not used by this
     method); config: labelled patches follow train.foreground_crop."""
@@ -246,30 +243,20 @@ class LLMSegNet(Method):
         """The two V-Nets (inside their text fusion wrappers, if any)."""
         return [n.net if isinstance(n, TextGuidedNet) else n for n in (self.net_a, self.net_b)]
 
-    def load_warm_start(self, path) -> str:
-        """Both V-Nets from a supervised run directory or checkpoint; returns the file used."""
-        from pathlib import Path
-
-        from ..infer import find_checkpoint
-
-        path = Path(path)
-        ckpt = find_checkpoint(path) if path.is_dir() else path
-        if not ckpt.is_file():
-            raise FileNotFoundError(f"config key 'llm_segnet.warm_start': {path} is neither a run directory nor a "
-                                    f"checkpoint file")
-        state = torch.load(ckpt, map_location=self.device, weights_only=False)
-        state = state.get("method", state)
+    def load_initial_weights(self, state: dict, source: str) -> int:
+        """``train.init_from``: a supervised V-Net run's ``net.*`` weights go into both networks (the text fusion
+        starts fresh); any other state (e.g. another LLM-SegNet run) by matching names and shapes."""
         vnet = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
         if not vnet:
-            raise ValueError(f"{ckpt}: no supervised network weights (keys 'net.*'); warm_start needs a "
-                             f"supervised run with model '{self.cfg.model.name}'")
+            return super().load_initial_weights(state, source)
         for net in self.vnets():
-            try:
-                net.load_state_dict(vnet)
-            except RuntimeError as exc:
-                raise ValueError(f"{ckpt}: the supervised network does not fit this model section "
-                                 f"({self.cfg.model.name}, features {self.cfg.model.features}): {exc}") from exc
-        return str(ckpt)
+            own = net.state_dict()
+            missing = sorted(k for k in own if k not in vnet or vnet[k].shape != own[k].shape)
+            if missing:
+                raise ValueError(f"{source}: the supervised network does not fit this model section "
+                                 f"({self.cfg.model.name}, features {self.cfg.model.features}): {missing[:3]} ...")
+            net.load_state_dict({k: vnet[k] for k in own})
+        return 2 * len(vnet)
 
     def run(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return net(x, self.text_embedding) if self.text_embedding is not None else net(x)
@@ -321,17 +308,14 @@ class LLMSegNet(Method):
         return torch.log(probs.clamp_min(1e-8))  # the predictor's softmax gives back the averaged probabilities
 
     def on_step(self, trainer, step: int) -> None:
-        """At step 0: the warm start and the knowledge text used (provenance). Every step: the labelled crop policy
-        (the trainer's labelled sampler is built from train.foreground_crop)."""
+        """Every step: the labelled crop policy (the trainer's labelled sampler is built from
+        train.foreground_crop). At step 0: the knowledge text used (provenance)."""
         sampler = getattr(trainer, "labelled_sampler", None)
         if self.params.labelled_crop == "random" and sampler is not None and sampler.foreground_prob:
             sampler.foreground_prob = 0.0
             if step == 0:
                 trainer.log.write(event="llm_segnet_crops", labelled_crop="random",
                                   ignored={"train.foreground_crop": self.cfg.train.foreground_crop})
-        if step == 0 and self.params.warm_start:
-            used = self.load_warm_start(self.params.warm_start)
-            trainer.log.write(event="warm_start", checkpoint=used)
         if step == 0 and self.knowledge_text and trainer.is_main:
             from ..utils import atomic_write_text
 
