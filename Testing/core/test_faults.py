@@ -161,7 +161,7 @@ def test_4_predict_refuses_an_output_folder_inside_the_input(la_dir, tiny_run, t
     code, _, err = run_cli(capsys, "predict", "--run", tiny_run[1], "--input", inp / image.name, "--out", inp,
                            "--overwrite")
     assert code == 2 and "is inside --input" in one_error_line(err)
-    assert sorted(p.name for p in inp.iterdir()) == [image.name] and (inp / image.name).resolve() == image
+    assert sorted(p.name for p in inp.iterdir()) == [image.name] and (inp / image.name).resolve() == image.resolve()
 
 
 def test_5_evaluate_with_missing_predictions(la_dir, tmp_path, capsys):
