@@ -1,14 +1,14 @@
-"""Segment Editor effect "SAM": click points on a slice, see SAM's mask as a preview, apply it to the segment.
+"""Segment Editor effect "SAM": draw a box (or click) in any slice view, see SAM's mask on that view's plane, propagate
+it to the neighbouring slices, apply it to the selected segment.
 
-Left click adds an include point, Shift + left click an exclude point. The preview lives in its own temporary
-segmentation node, so the edited segmentation changes only on Apply (which is undoable like any other effect).
-Registered by the SemiSeg module on startup (``SemiSeg.registerSAMEffect``). Needs the Slicer application.
+Drag with the left button to draw a box around the structure (LiteMedSAM was trained on boxes); a left click adds an
+include point, Shift + left click an exclude point; prompts on another slice start over. The
+preview lives in its own temporary segmentation node, so the edited segmentation changes only on Apply (one
+undoable step). The backend and checkpoint are the SemiSeg module's. The computation is in ``sam_effect`` (Qt-free,
+tested headlessly); this class only connects it to Slicer. Registered by the SemiSeg module.
 """
 from __future__ import annotations
 
-import json
-
-import numpy as np
 import qt
 import vtk
 
@@ -25,10 +25,23 @@ class SegmentEditorSAMEffect(AbstractScriptedSegmentEditorEffect):
         scriptedEffect.name = "SAM"
         scriptedEffect.perSegment = True
         AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
-        self.points = []  # (ras, 1 include / 0 exclude)
-        self.previewMask = None
-        self.previewScore = None
-        self.engine = None  # built on the first click; its embedding cache makes further clicks fast
+        self._session = None  # made on first use: Slicer creates effects at startup, when nothing may load yet
+        self.task = None
+        self.pressedAt = None  # where the left button went down: a drag from there draws a box
+        self.timer = qt.QTimer()
+        self.timer.setInterval(0)
+        self.timer.timeout.connect(self.onTaskTimer)
+
+    @property
+    def session(self):
+        if self._session is None:
+            from SemiSegLib import dependencies
+
+            dependencies.ensure_core_importable()
+            from SemiSegLib.sam_effect import ClickSession, settings_engine
+
+            self._session = ClickSession(lambda: settings_engine(slicer.mrmlScene))
+        return self._session
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -43,57 +56,120 @@ class SegmentEditorSAMEffect(AbstractScriptedSegmentEditorEffect):
         return qt.QIcon(str(resource_path("Icons/SemiSeg.png")))
 
     def helpText(self):
-        return ("<html>Segment with SAM (LiteMedSAM by default) by clicking on a slice.<p>"
-                "<b>Left click</b>: include point. <b>Shift + left click</b>: exclude point. The preview updates "
-                "after each click; <b>Apply</b> adds it to the selected segment.</html>")
+        return ("<html>Segment with SAM (the backend chosen in the SemiSeg module) in a slice view.<p>"
+                "<b>Drag</b>: a box around the structure. <b>Left click</b>: include point. <b>Shift + left "
+                "click</b>: exclude point. The preview is on the plane of the view you work in. <b>Propagate</b> follows the structure to the neighbouring slices "
+                "until it ends. <b>Apply</b> adds the preview to the selected segment (one undo step).</html>")
 
     def setupOptionsFrame(self):
-        self.statusLabel = qt.QLabel("Click inside the structure on a slice view.")
+        self.statusLabel = qt.QLabel("Drag a box around the structure in a slice view, or click inside it.")
+        self.statusLabel.wordWrap = True
         self.scriptedEffect.addOptionsWidget(self.statusLabel)
+        self.progressBar = qt.QProgressBar()
+        self.progressBar.visible = False
+        self.scriptedEffect.addOptionsWidget(self.progressBar)
         row = qt.QHBoxLayout()
         self.clearButton = qt.QPushButton("Clear points")
+        self.propagateButton = qt.QPushButton("Propagate")
+        self.propagateButton.toolTip = "Box -> mask -> box on the neighbouring slices until the structure ends"
+        self.cancelButton = qt.QPushButton("Cancel")
+        self.cancelButton.enabled = False
         self.applyButton = qt.QPushButton("Apply")
         self.applyButton.objectName = self.__class__.__name__ + "Apply"
-        row.addWidget(self.clearButton)
-        row.addWidget(self.applyButton)
+        for button in (self.clearButton, self.propagateButton, self.cancelButton, self.applyButton):
+            row.addWidget(button)
         self.scriptedEffect.addOptionsWidget(row)
         self.clearButton.connect("clicked()", self.clear)
+        self.propagateButton.connect("clicked()", self.onPropagate)
+        self.cancelButton.connect("clicked()", self.onCancel)
         self.applyButton.connect("clicked()", self.onApply)
 
     def deactivate(self):
+        self.onCancel()
         self.clear()
 
+    def sourceVolume(self):
+        return self.scriptedEffect.parameterSetNode().GetSourceVolumeNode()
+
     def processInteractionEvents(self, callerInteractor, eventId, viewWidget):
-        if eventId != vtk.vtkCommand.LeftButtonPressEvent or viewWidget.className() != "qMRMLSliceWidget":
+        """Press-drag-release draws a box; a click (no drag) adds an include point, with Shift an exclude point."""
+        if viewWidget.className() != "qMRMLSliceWidget" or eventId not in (
+                vtk.vtkCommand.LeftButtonPressEvent, vtk.vtkCommand.LeftButtonReleaseEvent):
             return False
-        ras = self.scriptedEffect.xyToRas(callerInteractor.GetEventPosition(), viewWidget)
-        self.points.append(([ras[0], ras[1], ras[2]], 0 if callerInteractor.GetShiftKey() else 1))
+        if self.task is not None:
+            return True  # a propagation is running
+        xy = callerInteractor.GetEventPosition()
+        if eventId == vtk.vtkCommand.LeftButtonPressEvent:
+            self.pressedAt = xy
+            return True
+        start, self.pressedAt = self.pressedAt, None
+        if start is None:
+            return False
+        sliceToRAS = slicer.util.arrayFromVTKMatrix(viewWidget.sliceLogic().GetSliceNode().GetSliceToRAS())
         with slicer.util.tryWithErrorDisplay("SAM failed.", waitCursor=True):
-            self.updatePreview()
+            self.ensureDependencies()
+            volume = self.sourceVolume()
+            if abs(xy[0] - start[0]) + abs(xy[1] - start[1]) > 5:
+                preview = self.session.drag(volume, sliceToRAS, self.xyToRas(start, viewWidget),
+                                            self.xyToRas(xy, viewWidget))
+            else:
+                preview = self.session.click(volume, sliceToRAS, self.xyToRas(xy, viewWidget),
+                                             include=not callerInteractor.GetShiftKey())
+            self.showPreview()
+            self.statusLabel.text = (f"Slice {self.session.plane.index}: SAM score {preview.score:.3f}. "
+                                     "Propagate, or Apply to keep it.")
         return True
 
-    def updatePreview(self):
+    def ensureDependencies(self):
         from SemiSegLib import dependencies
 
         dependencies.ensure_dependencies(ask=not slicer.app.testingEnabled())
-        from semiseg.sam import SamEngine, build_backend, prompts_from_user
 
-        from SemiSegLib import nodes, pseudolabel
+    # -- propagation as a cancellable background task
+    def onPropagate(self):
+        from SemiSegLib.tasks import Task
 
-        volume = self.scriptedEffect.parameterSetNode().GetSourceVolumeNode()
-        image = nodes.image_from_volume(volume)
-        ijk = nodes.world_to_ijk(np.array([p for p, _ in self.points]), volume)
-        k = int(round(ijk[-1][2]))  # the slice of the latest click
-        keep = [n for n, c in enumerate(ijk) if int(round(c[2])) == k]
-        prompts = prompts_from_user(image, ijk[keep], [self.points[n][1] for n in keep], space="ijk", axis=2)
-        if self.engine is None:
-            self.engine = SamEngine(build_backend("litemedsam", device="auto"))
-        result = self.engine.segment(pseudolabel.working_image(volume), prompts, axis=2, prompt_source="clicks")
-        self.previewMask = result.label.array.reshape(image.spatial_shape) > 0
-        self.previewScore = result.score
-        self.showPreview(volume)
-        self.statusLabel.text = f"Slice {k}: SAM score {self.previewScore:.3f}. Apply to keep it."
+        with slicer.util.tryWithErrorDisplay("SAM propagation failed.", waitCursor=False):
+            self.ensureDependencies()
+            self.task = Task("Propagating", self.session.propagate_steps(self.sourceVolume()))
+            self.progressBar.visible, self.cancelButton.enabled = True, True
+            self.propagateButton.enabled = self.applyButton.enabled = False
+            self.timer.start()
 
+    def onTaskTimer(self):
+        task = self.task
+        if task is None:
+            self.timer.stop()
+            return
+        if task.step():
+            fraction = task.progress.fraction
+            self.progressBar.setRange(0, 0 if fraction is None else 100)
+            if fraction is not None:
+                self.progressBar.value = int(100 * fraction)
+            self.statusLabel.text = task.progress.message
+            return
+        self.finishTask()
+        if task.state == "failed":
+            slicer.util.errorDisplay(f"SAM propagation failed: {task.error}")
+        elif task.state == "done":
+            self.showPreview()
+            ended = task.result.provenance.get("propagation", {}).get("ended", {})
+            self.statusLabel.text = (f"Propagated over {len(task.result.provenance['slices'])} slices "
+                                     f"(ended: {ended}). Apply to keep it.")
+
+    def onCancel(self):
+        if self.task is not None:
+            self.task.cancel()
+            self.finishTask()
+            self.statusLabel.text = "Propagation cancelled; the preview is the clicked slice."
+
+    def finishTask(self):
+        self.timer.stop()
+        self.task = None
+        self.progressBar.visible, self.cancelButton.enabled = False, False
+        self.propagateButton.enabled = self.applyButton.enabled = True
+
+    # -- preview and apply
     def previewNode(self, volume):
         node = slicer.mrmlScene.GetFirstNodeByName(PREVIEW_NAME)
         if node is None:
@@ -103,33 +179,30 @@ class SegmentEditorSAMEffect(AbstractScriptedSegmentEditorEffect):
             node.SetHideFromEditors(True)
         return node
 
-    def showPreview(self, volume):
+    def showPreview(self):
         from SemiSegLib import nodes
 
+        volume = self.sourceVolume()
         node = self.previewNode(volume)
         node.GetSegmentation().RemoveAllSegments()
-        nodes.add_segment(node, self.previewMask, volume, "preview", color=(1.0, 1.0, 0.3))
+        if self.session.preview is not None and self.session.preview.mask.any():
+            nodes.add_segment(node, self.session.preview.mask, volume, "preview", color=(1.0, 1.0, 0.3))
 
     def clear(self):
-        self.points, self.previewMask, self.previewScore = [], None, None
+        self.session.clear()
         node = slicer.mrmlScene.GetFirstNodeByName(PREVIEW_NAME)
         if node is not None:
             slicer.mrmlScene.RemoveNode(node)
 
     def onApply(self):
-        if self.previewMask is None:
-            return
-        from SemiSegLib import nodes
+        from SemiSegLib.sam_effect import apply_to_segment
 
-        volume = self.scriptedEffect.parameterSetNode().GetSourceVolumeNode()
-        self.scriptedEffect.saveStateForUndo()
-        oriented = nodes.oriented_mask(self.previewMask, nodes.ijk_to_ras(volume))
-        self.scriptedEffect.modifySelectedSegmentByLabelmap(
-            oriented, slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeAdd)
-        segment_id = self.scriptedEffect.parameterSetNode().GetSelectedSegmentID()
-        segmentation = self.scriptedEffect.parameterSetNode().GetSegmentationNode()
-        segment = segmentation.GetSegmentation().GetSegment(segment_id)
-        segment.SetTag(nodes.TAG_SOURCE, "corrected")
-        segment.SetTag(nodes.TAG_PROVENANCE, json.dumps({"source": "corrected", "tool": "SAM effect",
-                                                         "score": self.previewScore}))
-        self.clear()
+        parameters = self.scriptedEffect.parameterSetNode()
+        with slicer.util.tryWithErrorDisplay("SAM apply failed.", waitCursor=True):
+            apply_to_segment(
+                self.session.preview, self.sourceVolume(), parameters.GetSegmentationNode(),
+                parameters.GetSelectedSegmentID(), self.scriptedEffect.saveStateForUndo,
+                lambda labelmap: self.scriptedEffect.modifySelectedSegmentByLabelmap(
+                    labelmap, slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeAdd))
+            self.clear()
+            self.statusLabel.text = "Applied. Click again for another structure."

@@ -1,9 +1,9 @@
-"""Per-case, per-segment Dice / HD95 / ASD against a reference, as a table node and a bar plot."""
+"""Per-case, per-segment Dice / HD95 / ASD against a reference, as a table node and a bar plot. (A trained model
+over a whole dataset runs in a worker process: ``batch.evaluate_steps``.)"""
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import vtk
 
 import slicer
@@ -42,35 +42,6 @@ def evaluate_segmentations(case_id: str, prediction_node, reference_node, volume
         m = binary_metrics(pred, ref, spacing)
         rows.append({"case": case_id, "segment": prediction_node.GetSegmentation().GetSegment(pred_id).GetName(),
                      "reference": reference_node.GetSegmentation().GetSegment(ref_id).GetName(), **m})
-    return rows
-
-
-def evaluate_labels(case_id: str, prediction: np.ndarray, reference: np.ndarray, spacing,
-                    names: dict[int, str] | None = None) -> list[dict]:
-    """Metrics per foreground label of two label maps on one grid (the batch form, for dataset cases)."""
-    labels = sorted(int(v) for v in np.union1d(np.unique(prediction), np.unique(reference)) if v != 0)
-    rows = []
-    for k in labels:
-        name = (names or {}).get(k, f"label {k}")
-        rows.append({"case": case_id, "segment": name, "reference": name,
-                     **binary_metrics(prediction == k, reference == k, spacing)})
-    return rows
-
-
-def evaluate_run_on_dataset(dataset_root: str, run_dir: str, max_cases: int | None = None) -> list[dict]:
-    """Run a trained model on every labelled case of a dataset folder and score it against the case's label."""
-    from semiseg.data import dataset_labels, discover_cases
-    from semiseg.infer import load_predictor
-    from semiseg.io import read_image, read_label
-
-    predictor = load_predictor(run_dir)
-    names = dataset_labels(dataset_root)
-    rows = []
-    for case in [c for c in discover_cases(dataset_root) if c.label][:max_cases]:
-        image = read_image(case.image)
-        reference = read_label(case.label)
-        prediction = predictor.predict(image).argmax(axis=0)
-        rows += evaluate_labels(case.id, prediction, reference.array, image.spacing, names)
     return rows
 
 

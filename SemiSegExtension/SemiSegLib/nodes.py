@@ -17,6 +17,7 @@ from semiseg.io import Image
 TAG_SOURCE = "SemiSeg.Source"  # reference | sam | model | corrected
 TAG_SCORE = "SemiSeg.Score"
 TAG_PROVENANCE = "SemiSeg.Provenance"  # JSON
+TAG_LABEL = "SemiSeg.LabelValue"  # the value the segment has in a label map file
 
 
 class NodeError(ValueError):
@@ -31,7 +32,7 @@ def _vtk_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
     return m
 
 
-def _numpy_matrix(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+def numpy_matrix(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
 
 
@@ -44,14 +45,14 @@ def _world_transform(node) -> np.ndarray:
         raise NodeError(f"{node.GetName()}: is under a non-linear transform ({parent.GetName()}); harden it first")
     m = vtk.vtkMatrix4x4()
     parent.GetMatrixTransformToWorld(m)
-    return _numpy_matrix(m)
+    return numpy_matrix(m)
 
 
 def ijk_to_ras(volume_node) -> np.ndarray:
     """4x4 index-to-world matrix of a volume, its parent transform included."""
     m = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(m)
-    return _world_transform(volume_node) @ _numpy_matrix(m)
+    return _world_transform(volume_node) @ numpy_matrix(m)
 
 
 def image_from_volume(volume_node) -> Image:
@@ -169,7 +170,7 @@ def segment_tags(segmentation_node, segment_id: str) -> dict:
     if segment is None:
         raise NodeError(f"{segmentation_node.GetName()}: has no segment '{segment_id}'")
     out = {}
-    for key in (TAG_SOURCE, TAG_SCORE, TAG_PROVENANCE):
+    for key in (TAG_SOURCE, TAG_SCORE, TAG_PROVENANCE, TAG_LABEL):
         if segment.HasTag(key):
             out[key] = _get_tag(segment, key)
     return out
@@ -205,24 +206,53 @@ def segment_mask(segmentation_node, segment_id: str, reference_volume) -> np.nda
         segmentation_node.GetScene().RemoveNode(labelmap)
 
 
-def label_from_segmentation(segmentation_node, reference_volume, segment_ids_in_order: list[str] | None = None
-                            ) -> Image:
-    """A label map on the reference grid: the i-th listed segment gets value i+1 (later segments win overlaps)."""
-    ids = segment_ids_in_order if segment_ids_in_order is not None else segment_ids(segmentation_node)
+def label_values(segmentation_node, names: dict[int, str] | None = None) -> dict[str, int]:
+    """The label value of every segment: its ``SemiSeg.LabelValue`` tag (set when it was made from a label map),
+    else its name when that is a label's name (``names``, or "label N"), else 1 when it is the only segment.
+    Raises NodeError naming the segments whose value cannot be told."""
+    by_name = {name: value for value, name in (names or {}).items()}
+    ids = segment_ids(segmentation_node)
+    values, unknown = {}, []
+    for sid in ids:
+        segment = segmentation_node.GetSegmentation().GetSegment(sid)
+        name = segment.GetName()
+        if segment.HasTag(TAG_LABEL):
+            values[sid] = int(_get_tag(segment, TAG_LABEL))
+        elif name in by_name:
+            values[sid] = int(by_name[name])
+        elif name.startswith("label ") and name[6:].isdigit():
+            values[sid] = int(name[6:])
+        elif len(ids) == 1:
+            values[sid] = 1
+        else:
+            unknown.append(name)
+    if unknown:
+        raise NodeError(f"{segmentation_node.GetName()}: cannot tell which label value the segment(s) "
+                        f"{', '.join(unknown)} have; name each after its label (e.g. 'label 2'"
+                        + (f" or one of {', '.join(by_name)}" if by_name else "") + ") or remove it")
+    return values
+
+
+def label_from_segmentation(segmentation_node, reference_volume, values: dict[str, int] | None = None) -> Image:
+    """A label map on the reference grid: each segment painted with its label value (``values``: segment id ->
+    value, default :func:`label_values`); where segments overlap, the later one wins."""
+    values = label_values(segmentation_node) if values is None else values
     grid = image_from_volume(reference_volume)
-    labels = np.zeros(grid.spatial_shape, dtype=np.uint8 if len(ids) < 256 else np.int32)
-    for value, sid in enumerate(ids, start=1):
+    labels = np.zeros(grid.spatial_shape, dtype=np.uint8 if max(values.values(), default=0) < 256 else np.int32)
+    for sid, value in values.items():
         labels[segment_mask(segmentation_node, sid, reference_volume)] = value
     return grid.with_array(labels, path=segmentation_node.GetName())
 
 
-def segmentation_from_label(scene, label: Image, reference_volume, name: str, names: dict[int, str] | None = None):
-    """A segmentation node with one segment per non-zero value of ``label`` (on the reference volume's grid)."""
+def segmentation_from_label(scene, label: Image, reference_volume, name: str, names: dict[int, str] | None = None,
+                            source: str = "reference"):
+    """A segmentation node with one segment per non-zero value of ``label`` (on the reference volume's grid), each
+    tagged with its value and ``source``."""
     seg = new_segmentation(scene, reference_volume, name)
     arr = label.array if label.spatial_ndim == 3 else label.array[:, :, None]
     for value in (int(v) for v in np.unique(arr) if v != 0):
         add_segment(seg, arr == value, reference_volume, (names or {}).get(value, f"label {value}"),
-                    tags={TAG_SOURCE: "reference"})
+                    tags={TAG_SOURCE: source, TAG_LABEL: value})
     return seg
 
 

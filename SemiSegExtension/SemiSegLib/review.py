@@ -211,16 +211,59 @@ def queue_segment(queue: ReviewQueue, volume_node, segmentation_node, segment_id
 
 
 def accept_segmentation(queue: ReviewQueue, case_id: str, segmentation_node, volume_node) -> ReviewItem:
-    """Accept what the segmentation now holds: unchanged -> "accepted", edited by a person -> "corrected"."""
+    """Accept what the segmentation now holds: unchanged -> "accepted", edited by a person -> "corrected". Each
+    segment keeps its own label value (see :func:`nodes.label_values`)."""
     import numpy as np
 
     from semiseg.io import read_label
 
     from . import nodes
 
+    from semiseg.data import dataset_labels
+
     item = queue.get(case_id)
-    labels = nodes.label_from_segmentation(segmentation_node, volume_node).array
+    values = nodes.label_values(segmentation_node, dataset_labels(queue.root))
+    labels = nodes.label_from_segmentation(segmentation_node, volume_node, values).array
     label = _label_image(labels, volume_node, item.image)
     if np.array_equal(label.array, read_label(item.pseudo_label).array):
         return queue.accept(case_id)
     return queue.accept(case_id, label)
+
+
+@dataclass
+class OpenCase:
+    """The nodes SemiSeg loaded for one case, and what their segments looked like then: :meth:`close` removes them
+    unless a person has edited a segmentation since (their work stays in the scene)."""
+
+    case_id: str
+    nodes: list
+    snapshot: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.snapshot = {n.GetID(): _fingerprint(n) for n in self.nodes if n.IsA("vtkMRMLSegmentationNode")}
+
+    def edited(self) -> list:
+        """Segmentation nodes whose segments were added, removed or painted since the case was opened."""
+        return [n for n in self.nodes if n.GetID() in self.snapshot and n.GetScene() is not None
+                and _fingerprint(n) != self.snapshot[n.GetID()]]
+
+    def close(self, scene) -> list[str]:
+        """Remove the case's nodes; returns the names of edited segmentations, which are kept with the volume."""
+        kept = [n.GetName() for n in self.edited()]
+        if not kept:
+            for node in self.nodes:
+                if node.GetScene() is scene:
+                    scene.RemoveNode(node)
+        return kept
+
+
+def _fingerprint(segmentation_node) -> tuple:
+    import slicer
+
+    name = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    segmentation = segmentation_node.GetSegmentation()
+    out = []
+    for i in range(segmentation.GetNumberOfSegments()):
+        representation = segmentation.GetNthSegment(i).GetRepresentation(name)
+        out.append((segmentation.GetNthSegmentID(i), representation.GetMTime() if representation else 0))
+    return tuple(out)

@@ -1,24 +1,27 @@
 """Training in a separate process: launch the ``semiseg`` CLI, follow its ``log.jsonl``, stop it, resume it.
 
-The GUI never waits on training: it starts the process and polls :meth:`TrainingProcess.poll` from a timer.
-Stopping sends SIGINT; the CLI then saves ``checkpoints/last.pt`` and logs ``{"event": "stopped"}``. Resuming is
-launching the same command again with the same run directory: the CLI continues from ``last.pt``.
+The GUI never waits on training: it starts the process and polls :meth:`TrainingProcess.poll` from a timer. The
+process runs in its own process group (:class:`~SemiSegLib.tasks.ProcessTree`): inside Slicer the command is the
+``PythonSlicer`` launcher, which runs the real Python as its child. Stopping creates ``<run>/STOP``, which the
+trainer polls every step: it saves ``checkpoints/last.pt``, logs ``{"event": "stopped"}`` and exits, whatever
+launcher sits in between and on every platform. :meth:`TrainingProcess.kill` ends the whole tree at once.
+Resuming is launching the same command again with the same run directory: the CLI continues from ``last.pt``.
 """
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .tasks import ProcessTree, child_environment, default_python
+
+STOP_FILE = "STOP"  # the name semiseg.train.trainer polls (STOP_FILE there; not imported: it would load torch)
 
 
 @dataclass
 class Progress:
     state: str = "idle"
-    """idle | running | done | stopped | failed"""
+    """idle | running | done | stopped (asked to, or killed) | failed"""
     step: int = 0
     iterations: int = 0
     loss: float | None = None
@@ -40,18 +43,6 @@ def core_path() -> str:
     import semiseg
 
     return str(Path(semiseg.__file__).resolve().parent.parent)
-
-
-def default_python() -> str:
-    """Inside Slicer, ``sys.executable`` is the application; its Python is the ``PythonSlicer`` beside it."""
-    exe = Path(sys.executable)
-    if exe.stem.lower().startswith("slicer"):
-        candidate = exe.with_name("PythonSlicer" + exe.suffix)
-        if not candidate.exists():
-            candidate = exe.parent / "bin" / ("PythonSlicer" + exe.suffix)
-        if candidate.exists():
-            return str(candidate)
-    return sys.executable
 
 
 def training_overrides(dataset_root: str | None, method: str | None = None, iterations: int | None = None,
@@ -77,7 +68,7 @@ def training_overrides(dataset_root: str | None, method: str | None = None, iter
 
 
 class TrainingProcess:
-    """One training run directory and the process working on it."""
+    """One training run directory and the process tree working on it."""
 
     def __init__(self, config: str | Path, run_dir: str | Path, overrides: list[str] | None = None,
                  python: str | None = None):
@@ -85,15 +76,24 @@ class TrainingProcess:
         self.run_dir = Path(run_dir)
         self.overrides = list(overrides or [])
         self.python = python or default_python()
-        self.process: subprocess.Popen | None = None
+        self.tree: ProcessTree | None = None
         self._offset = 0
         self._partial = b""
         self._ended: str | None = None  # "done" or "stopped" once the log says so
+        self._killed = False
         self.progress = Progress()
 
     @property
     def log_path(self) -> Path:
         return self.run_dir / "log.jsonl"
+
+    @property
+    def stop_path(self) -> Path:
+        return self.run_dir / STOP_FILE
+
+    @property
+    def pid(self) -> int | None:
+        return self.tree.pid if self.tree is not None else None
 
     def command(self) -> list[str]:
         cmd = [self.python, "-m", "semiseg.cli", "train", str(self.config), "--out", str(self.run_dir)]
@@ -102,52 +102,64 @@ class TrainingProcess:
         return cmd
 
     def is_running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        """True while the process or anything it started is alive."""
+        return self.tree is not None and self.tree.running()
+
+    def stop_requested(self) -> bool:
+        return self.is_running() and self.stop_path.exists()
 
     def start(self) -> None:
         """Start (or resume, when the run directory has a checkpoint) training in the background."""
         if self.is_running():
-            raise RuntimeError(f"{self.run_dir}: training is already running (pid {self.process.pid})")
+            raise RuntimeError(f"{self.run_dir}: training is already running (pid {self.pid})")
         if not self.config.exists():
             raise FileNotFoundError(f"{self.config}: training config not found")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.stop_path.unlink(missing_ok=True)  # a stop asked of an earlier run must not end this one
         self._read_log()  # an earlier session's log: its "stopped" must not end this one
-        self._ended = None
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (core_path(), env.get("PYTHONPATH", "")) if p)
-        env["PYTHONUNBUFFERED"] = "1"
-        kwargs = {}
-        if os.name == "nt":  # lets stop() deliver a console break that Python raises as KeyboardInterrupt
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
-        with open(self.run_dir / "process.log", "ab") as out:
-            self.process = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, env=env, **kwargs)
+        self._ended, self._killed = None, False
+        self.tree = ProcessTree(self.command(), self.run_dir / "process.log", env=child_environment([core_path()]))
+        self.tree.start()
         self.progress.state, self.progress.returncode, self.progress.message = "running", None, ""
 
     def stop(self) -> None:
-        """Ask the trainer to save and exit (it logs ``stopped``); :meth:`poll` reports when it has."""
-        if not self.is_running():
-            return
-        self.process.send_signal(signal.CTRL_BREAK_EVENT if os.name == "nt" else signal.SIGINT)
+        """Ask the trainer to save ``last.pt`` and exit at its next step; :meth:`poll` reports when it has."""
+        if self.is_running():
+            self.stop_path.touch()
+
+    def kill(self) -> None:
+        """End the training process tree now (what the last checkpoint saved is kept)."""
+        if self.tree is not None and self.tree.running():
+            self.tree.kill()
+            self._killed = True
+        self.stop_path.unlink(missing_ok=True)
 
     def wait(self, timeout: float | None = None) -> Progress:
-        if self.process is not None:
-            self.process.wait(timeout)
+        import time
+
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.is_running():
+            if end is not None and time.monotonic() > end:
+                raise TimeoutError(f"{self.run_dir}: training still running after {timeout} s")
+            time.sleep(0.2)
         return self.poll()
 
     def poll(self) -> Progress:
         """Read new log lines (never blocks) and update :attr:`progress`. The state leaves "running" only when the
-        process has exited, so that a new :meth:`start` never finds the previous process still saving."""
+        whole process tree has exited, so that a new :meth:`start` never finds the previous trainer still saving."""
         self._read_log()
         p = self.progress
-        if self.process is None:
+        if self.tree is None:
             p.state = self._ended or p.state
             return p
-        code = self.process.poll()
-        if code is not None and p.state == "running":
+        if p.state == "running" and not self.tree.running():
+            code = self.tree.returncode()
             self._read_log()  # lines written just before exit
             p.returncode = code
-            if code == 0:
+            if self._killed:
+                p.state = "stopped"
+                p.message = "ended at once; resuming continues from the last checkpoint"
+            elif code == 0 or self._ended == "stopped":  # a stopped run exits 130 (SIGINT) or 143 (SIGTERM)
                 p.state = self._ended or "done"
             else:
                 p.state = "failed"
