@@ -6,6 +6,7 @@ import numpy as np
 
 from semiseg.metrics import binary_metrics
 from SemiSegLib import evaluation, nodes, pseudolabel
+from SemiSegLib.tasks import run_task
 
 
 def _roi_around(scene, volume, label, k, margin=3):
@@ -30,9 +31,11 @@ def test_sam_segments_and_dice_review(scene, la_case, la_mid_slice, sam_engine):
     # 1. an ROI box spanning three slices, restricted to the current one
     roi = _roi_around(scene, volume, label, k)
     roi.SetSize(roi.GetSize()[0], roi.GetSize()[1], 3 * grid.spacing[2])
-    prompts = pseudolabel.markup_prompts(volume, roi=roi)
-    assert sorted(prompts) == [k - 1, k, k + 1]
-    result = pseudolabel.sam_segment(volume, output, sam_engine, pseudolabel.restrict(prompts, (k, k)))
+    inputs = pseudolabel.markup_inputs(volume, roi=roi)
+    assert [p.index for p, _ in pseudolabel.markup_items(inputs, pseudolabel.aligned_planes(label.shape, 2))] == \
+        [k - 1, k, k + 1]
+    items = pseudolabel.markup_items(inputs, pseudolabel.aligned_planes(label.shape, 2, (k, k)))
+    result = pseudolabel.add_sam_segment(volume, output, run_task(pseudolabel.planes_steps(sam_engine, grid, items)))
     mask = nodes.segment_mask(output, result.segment_id, volume)
     assert mask[:, :, k].any() and not np.delete(mask, k, axis=2).any()  # only the asked slice
     dice = binary_metrics(mask[:, :, k], label[:, :, k] == 1)["dice"]
@@ -44,14 +47,17 @@ def test_sam_segments_and_dice_review(scene, la_case, la_mid_slice, sam_engine):
     assert provenance["backend"] == "litemedsam" and [s["index"] for s in provenance["slices"]] == [k]
 
     # 2. prompts from a model's probabilities (here a perfect model: the reference one-hot), the same slice
+    embedded = sam_engine.timing.embedded
     probs = np.stack([label != 1, label == 1]).astype(np.float32)
-    from_model = pseudolabel.sam_segment_from_model(volume, output, sam_engine, probs, (k, k))
+    items = pseudolabel.model_items(probs, pseudolabel.aligned_planes(label.shape, 2, (k, k)))
+    from_model = pseudolabel.add_sam_segment(
+        volume, output, run_task(pseudolabel.planes_steps(sam_engine, grid, items, "model")), "SAM (model)")
     mask2 = nodes.segment_mask(output, from_model.segment_id, volume)
     assert not np.delete(mask2, k, axis=2).any()
     assert binary_metrics(mask2[:, :, k], label[:, :, k] == 1)["dice"] > 0.85
     assert json.loads(nodes.segment_tags(output, from_model.segment_id)[nodes.TAG_PROVENANCE])[
         "prompt_source"] == "model"
-    assert sam_engine.timing.embedded == 1  # the second run reused the cached embedding of slice k
+    assert sam_engine.timing.embedded == embedded  # the second run reused the cached embedding of slice k
     assert len(nodes.segment_ids(output)) == 2  # the first result is still there
 
     # 3. the Dice review: table rows agree with the metrics computed directly; the plot shows the table
