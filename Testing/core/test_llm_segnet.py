@@ -177,13 +177,13 @@ def test_text_branch_acts_by_more_than_a_bias(la_dir):
 def test_warm_up_warm_start_and_crop_policy(la_dir, cache, tmp_path):
     """Issue 13 (a): no unlabelled loss before the warm-up ends, then the ramp from there; both networks start from
     a supervised run's weights (train.init_from); the trainer's labelled patches are cropped like the unlabelled ones
-    (random)."""
+    (with labelled_crop: random)."""
     from types import SimpleNamespace
 
     sup_raw = {k: v for k, v in raw_config(la_dir, cache).items() if k != "llm_segnet"}
     sup_cfg = config_from_dict({**sup_raw, "method": "supervised"})
     supervised = build_method(sup_cfg, torch.device("cpu"))
-    cfg = config_from_dict(raw_config(la_dir, cache, warmup=0.5, rampup=0.25))
+    cfg = config_from_dict(raw_config(la_dir, cache, warmup=0.5, rampup=0.25, labelled_crop="random"))
     cfg.train.iterations = 100
     method = build_method(cfg, torch.device("cpu"))
     assert [method.unlabelled_weight(s) for s in (0, 49)] == [0.0, 0.0]
@@ -193,6 +193,10 @@ def test_warm_up_warm_start_and_crop_policy(la_dir, cache, tmp_path):
     events = []
     trainer = SimpleNamespace(labelled_sampler=sampler, is_main=True, run_dir=tmp_path,
                               log=SimpleNamespace(write=lambda **r: events.append(r)))
+    default = build_method(config_from_dict(raw_config(la_dir, cache)), torch.device("cpu"))
+    default.on_step(trainer, 0)  # by default labelled crops follow train.foreground_crop
+    assert default.params.labelled_crop == "config" and sampler.foreground_prob == 0.5
+    events.clear()
     method.on_step(trainer, 0)
     assert sampler.foreground_prob == 0.0
     assert {e["event"] for e in events} >= {"llm_segnet_crops", "knowledge"}
