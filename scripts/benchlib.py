@@ -166,17 +166,25 @@ def run_settings(bench: str, settings: list[Setting], args) -> dict[str, list[di
     return {s.name: [read_run(run_dir(s.name, seed)) for seed in args.seeds] for s in wanted}
 
 
-def progress(run_dir: Path) -> str:
-    """'step/iterations (Dice of the last validation)' from a run's log, for a running job."""
-    log = run_dir / "log.jsonl"
-    if not log.exists():
-        return "starting"
-    step, total, dice, event = 0, "?", None, "starting"
-    for line in log.read_text().splitlines():
+def events(run_dir: Path, name: str | None = None) -> list[dict]:
+    """The records of a run's log.jsonl (those of one event kind when ``name`` is given); a torn last line (a run
+    still writing) is skipped."""
+    log = Path(run_dir) / "log.jsonl"
+    out = []
+    for line in (log.read_text().splitlines() if log.exists() else []):
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if name is None or rec.get("event") == name:
+            out.append(rec)
+    return out
+
+
+def progress(run_dir: Path) -> str:
+    """'step/iterations (Dice of the last validation)' from a run's log, for a running job."""
+    step, total, dice, event = 0, "?", None, "starting"
+    for rec in events(run_dir):
         event = rec.get("event", event)
         if event == "train":
             step, total = rec["step"], rec["iterations"]
@@ -184,6 +192,13 @@ def progress(run_dir: Path) -> str:
             dice = rec.get("dice")
     text = f"step {step}/{total}" + (", mining pseudo-labels with SAM" if event == "mining_start" else "")
     return text + (f", val Dice {dice:.3f}" if dice is not None else "")
+
+
+def finetune_overrides(iterations: int, lr: float) -> list[str]:
+    """A warm-started phase (``Setting.init_from``): its own iterations and learning rate, five validations."""
+    every = max(iterations // 5, 1)
+    return [f"train.iterations={iterations}", f"train.lr={lr}", f"train.val_every={every}",
+            f"train.checkpoint_every={every}"]
 
 
 def _worker(spec: dict) -> None:

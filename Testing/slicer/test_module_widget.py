@@ -157,10 +157,9 @@ def test_unset_folders_give_clear_errors_not_the_working_directory(widget):
         logic.startTraining(logic.defaultConfig(), "/tmp/semiseg-run", "", "supervised", 10, "cpu", 1)
 
 
-def test_sam_runs_as_a_task_with_progress_and_cancel(widget, scene, la_case, la_mid_slice, sam_engine):
-    """Run SAM from the SAM section: slice by slice with progress; Cancel leaves the segmentation untouched."""
-    label, k = la_mid_slice
-    ui, p = widget.ui, widget._parameterNode
+def atrium_box(scene, la_case, label, k):
+    """The LA volume and an ROI around the atrium on slices k-1..k+1 (3 voxels of margin),
+    with the Red view on slice k."""
     volume = nodes.load_volume(scene, str(la_case[0]), "la")
     affine = nodes.ijk_to_ras(volume)
     ii, jj = np.nonzero(label[:, :, k] == 1)
@@ -169,6 +168,14 @@ def test_sam_runs_as_a_task_with_progress_and_cancel(widget, scene, la_case, la_
     roi.SetCenter(list((lo[:3] + hi[:3]) / 2))
     roi.SetSize(*[abs(v) + 0.1 for v in hi[:3] - lo[:3]])
     view_node(scene, "Red", [0, 0, 1], affine @ [0, 0, k, 1])
+    return volume, roi
+
+
+def test_sam_runs_as_a_task_with_progress_and_cancel(widget, scene, la_case, la_mid_slice, sam_engine):
+    """Run SAM from the SAM section: slice by slice with progress; Cancel leaves the segmentation untouched."""
+    label, k = la_mid_slice
+    ui, p = widget.ui, widget._parameterNode
+    volume, roi = atrium_box(scene, la_case, label, k)
     p.inputVolume, p.promptBox = volume, roi
     p.sliceScope, p.firstSlice, p.lastSlice = "slice range", k - 1, k + 1
 
@@ -202,14 +209,7 @@ def test_propagation_follows_the_structure_within_the_box(scene, la_case, la_mid
     from SemiSegLib.tasks import run_task
 
     label, k = la_mid_slice
-    volume = nodes.load_volume(scene, str(la_case[0]), "la")
-    affine = nodes.ijk_to_ras(volume)
-    ii, jj = np.nonzero(label[:, :, k] == 1)
-    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
-    lo, hi = affine @ [ii.min() - 3, jj.min() - 3, k - 1, 1], affine @ [ii.max() + 3, jj.max() + 3, k + 1, 1]
-    roi.SetCenter(list((lo[:3] + hi[:3]) / 2))
-    roi.SetSize(*[abs(v) + 0.1 for v in hi[:3] - lo[:3]])
-    view_node(scene, "Red", [0, 0, 1], affine @ [0, 0, k, 1])
+    volume, roi = atrium_box(scene, la_case, label, k)
     box = nodes.roi_box_ijk(roi, volume)
     assert round(box[0][2]) == k - 1 and round(box[1][2]) == k + 1
     logic = SemiSegLogic()

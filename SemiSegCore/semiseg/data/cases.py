@@ -229,10 +229,15 @@ class LoadedCase:
     """The working grid (``data.target_spacing``); the source grid when there is no resampling."""
 
 
+def placeholder(shape) -> np.ndarray:
+    """A zero-memory uint8 array of ``shape``: stands in for the voxels where only a grid's geometry is kept."""
+    return np.broadcast_to(np.zeros((), dtype=np.uint8), tuple(int(s) for s in shape))
+
+
 def grid_of(img: Image) -> Image:
     """The geometry of ``img`` with a zero-memory placeholder array (keeps shape, spacing, origin, direction)."""
-    placeholder = np.broadcast_to(np.zeros((), dtype=np.uint8), img.array.shape)
-    return Image(placeholder, img.spacing, img.origin, img.direction, channels=img.channels, path=img.path)
+    return Image(placeholder(img.array.shape), img.spacing, img.origin, img.direction, channels=img.channels,
+                 path=img.path)
 
 
 def check_label(label: Image, image: Image, num_classes: int) -> None:

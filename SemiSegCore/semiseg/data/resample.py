@@ -39,13 +39,14 @@ def working_shape(shape: Sequence[int], spacing: Sequence[float], target_spacing
 
 def resampled_grid(image: Image, shape: Sequence[int]) -> Image:
     """The geometry of ``image`` resampled to ``shape`` voxels (a zero-memory placeholder array, like ``grid_of``)."""
+    from .cases import placeholder
+
     old = np.asarray(image.spatial_shape, dtype=float)
     new = np.asarray(shape, dtype=float)
     old_spacing = np.asarray(image.spacing)
     new_spacing = old_spacing * old / new
     origin = np.asarray(image.origin) + image.direction @ ((new_spacing - old_spacing) / 2)
-    placeholder = np.broadcast_to(np.zeros((), dtype=np.uint8), tuple(int(s) for s in shape))
-    return Image(placeholder, tuple(new_spacing), tuple(origin), image.direction.copy(), path=image.path)
+    return Image(placeholder(shape), tuple(new_spacing), tuple(origin), image.direction.copy(), path=image.path)
 
 
 def _interpolate(arr: np.ndarray, shape: Sequence[int], mode: str) -> np.ndarray:
