@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "SemiSegCore"))
 
 from semiseg.config import apply_overrides, config_from_dict  # noqa: E402
-from semiseg.utils import device_name, pick_device  # noqa: E402
+from semiseg.utils import device_name, pick_device, usable_cores  # noqa: E402
 
 import yaml  # noqa: E402
 
@@ -75,7 +75,7 @@ def run_setting(bench: str, setting: str, raw_config: dict, overrides: list[str]
     minutes = (time.time() - t0) / 60
     info = {"setting": setting, "seed": seed, "minutes": round(minutes, 2), "run_dir": str(run_dir),
             "labelled": _count_labelled(run_dir), "device": device_name(pick_device(cfg.train.device)),
-            "threads": cfg.train.threads or os.cpu_count(), "iterations": cfg.train.iterations,
+            "threads": cfg.train.threads or usable_cores(), "iterations": cfg.train.iterations,
             "load_average": [round(load0, 2), round(os.getloadavg()[0], 2)]}
     (run_dir / "bench.json").write_text(json.dumps(info, indent=1))
     return read_run(run_dir)
@@ -137,7 +137,7 @@ def run_settings(bench: str, settings: list[Setting], args) -> dict[str, list[di
             if len(running) >= jobs or not ready(s, seed):
                 continue
             at_once = min(jobs, len(running) + sum(ready(*p) for p in pending))  # cores shared by these
-            threads = max(1, (os.cpu_count() or 1) // at_once)
+            threads = max(1, usable_cores() // at_once)
             spec = {"bench": s.bench or bench, "setting": s.name, "raw": s.raw,
                     "overrides": overrides(s, seed, threads),
                     "runs": args.runs, "rerun": args.rerun, "seed": seed}

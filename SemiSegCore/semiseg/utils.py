@@ -79,12 +79,20 @@ def pick_device(name: str = "auto"):
     return torch.device(name)
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. under ``taskset``), not all the machine's cores."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def set_threads(threads: int = 0, processes: int = 1) -> int:
-    """The one place that sets torch's CPU thread count: ``threads``, or (0) this machine's cores shared by the
+    """The one place that sets torch's CPU thread count: ``threads``, or (0) the usable cores shared by the
     ``processes`` of a torchrun job. Returns the count set."""
     import torch
 
-    n = threads or max(1, (os.cpu_count() or 1) // max(processes, 1))
+    n = threads or max(1, usable_cores() // max(processes, 1))
     torch.set_num_threads(n)
     return n
 

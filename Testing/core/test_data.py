@@ -87,3 +87,29 @@ def test_group_pattern_keeps_a_patients_frames_together(acdc_dir):
     assert (len(m.labelled), len(m.val)) == (14, 20) and len(patient(m.labelled)) == 7
     assert not patient(m.labelled) & patient(m.val) and not patient(m.val) & patient(m.unlabelled)
     assert not patient(m.labelled) & patient(m.unlabelled)
+
+
+def test_scale_and_intensity_augmentation_keep_image_and_label_aligned(kvasir_dir):
+    """A case whose image is its own mask: after zooming, the linearly resized image thresholded at 0.5 must match
+    the nearest-resized label, and intensity jitter must leave labels untouched."""
+    import dataclasses
+
+    from semiseg.data.sampling import Augmentation
+
+    real = [load_case(c, "rgb", 2) for c in discover_cases(kvasir_dir)[:3]]
+    cases = [dataclasses.replace(c, image=np.repeat(c.label[None].astype(np.float32), 3, axis=0)) for c in real]
+    zoomed = PatchSampler(cases, (128, 128), 8, seed=1, augment=Augmentation(flips=True, scale=0.5))
+    plain = PatchSampler(cases, (128, 128), 8, seed=1, augment=Augmentation(flips=False))
+    b, p = zoomed.next_batch(), plain.next_batch()
+    assert b.image.shape == (8, 3, 128, 128) and set(np.unique(b.label.numpy())) <= {0, 1}
+    agree = ((b.image[:, 0] > 0.5).long() == b.label).float().mean().item()
+    assert agree > 0.98, agree
+    fg_share = lambda batch: batch.label.float().mean(dim=(1, 2)).numpy()  # noqa: E731
+    assert not np.allclose(np.sort(fg_share(b)), np.sort(fg_share(p)))  # zoom changed how much of a case a patch sees
+
+    jitter = PatchSampler(real, (128, 128), 4, seed=2, augment=Augmentation(flips=False, intensity=0.3))
+    same = PatchSampler(real, (128, 128), 4, seed=2, augment=Augmentation(flips=False))
+    j, s = jitter.next_batch(), same.next_batch()  # the first patch is cut at the same place; later ones differ
+    assert bool((j.label[0] == s.label[0]).all()) and not bool((j.image[0] == s.image[0]).all())
+    ratio = (j.image[0].mean(dim=(1, 2)) / s.image[0].mean(dim=(1, 2))).numpy()
+    assert np.ptp(ratio) > 0.02  # channels scaled differently: the colour balance moves

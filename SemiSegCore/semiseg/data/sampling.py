@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .cases import LoadedCase
 
@@ -35,6 +36,45 @@ def pad_to(arr: np.ndarray, shape: tuple[int, ...], value: float = 0.0) -> np.nd
     return arr
 
 
+@dataclass(frozen=True)
+class Augmentation:
+    """What a sampler may change in a patch.
+
+    ``flips``: random 90-degree rotations in the first square plane and flips along every axis. ``scale``: zoom by a
+    factor drawn log-uniformly from [1/(1+scale), 1+scale] (a patch of patch/zoom voxels is cut and resized:
+    linear for the image, nearest for the label). ``intensity``: each channel multiplied by a factor from
+    [1-intensity, 1+intensity] and the contrast about the patch mean by another, like nnU-Net's brightness and
+    contrast transforms; for RGB it also shifts the colour balance. With few labelled images these matter more
+    than anything else the sampler does.
+    """
+    flips: bool = True
+    scale: float = 0.0
+    intensity: float = 0.0
+
+    @classmethod
+    def of(cls, train_cfg) -> "Augmentation":
+        if not train_cfg.augment:
+            return cls(flips=False)
+        return cls(True, float(train_cfg.scale_augment), float(train_cfg.intensity_augment))
+
+    @property
+    def any(self) -> bool:
+        return self.flips or self.scale > 0 or self.intensity > 0
+
+
+def _resize(arr: np.ndarray, shape: tuple[int, ...], mode: str) -> np.ndarray:
+    """Resize the trailing spatial axes of a channels-first array (or of a label with ``mode='nearest-exact'``)."""
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    t = t[None] if mode != "nearest-exact" else t[None, None]
+    if mode == "linear":
+        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(shape)]
+        out = F.interpolate(t.float(), size=shape, mode=mode, align_corners=False)
+    else:
+        out = F.interpolate(t.float(), size=shape, mode=mode)
+    out = out[0] if arr.ndim == len(shape) + 1 else out[0, 0]
+    return out.numpy().astype(arr.dtype, copy=False)
+
+
 @dataclass
 class Batch:
     image: torch.Tensor  # (B, C, *patch) float
@@ -49,7 +89,8 @@ class Batch:
 class PatchSampler:
     """Draws random patches (with labels when the cases have them) from a list of loaded cases."""
 
-    def __init__(self, cases: list[LoadedCase], patch_size, batch_size: int, seed: int, augment: bool = True,
+    def __init__(self, cases: list[LoadedCase], patch_size, batch_size: int, seed: int,
+                 augment: bool | Augmentation = True,
                  foreground_prob: float = 0.0, labels: dict[str, np.ndarray] | None = None, slice_axis: int = -1,
                  rank: int = 0, world_size: int = 1):
         if not cases:
@@ -57,7 +98,7 @@ class PatchSampler:
         self.cases = cases
         self.patch = tuple(int(p) for p in patch_size)
         self.batch_size = batch_size
-        self.augment = augment
+        self.augment = augment if isinstance(augment, Augmentation) else Augmentation(flips=bool(augment))
         self.foreground_prob = foreground_prob
         self.labels = labels  # overrides case.label (e.g. pseudo-labels)
         self.rng = np.random.default_rng(seed)
@@ -95,24 +136,40 @@ class PatchSampler:
         image, label = case.image, self.label_of(case)
         if image.ndim - 1 == len(self.patch) + 1:
             image, label = self._pick_slice(case, label)
-        image = pad_to(image, self.patch, value=float(image.min()))
+        crop = self.patch
+        if self.augment.scale > 0:
+            zoom = float(np.exp(self.rng.uniform(-1, 1) * np.log1p(self.augment.scale)))
+            crop = tuple(max(1, int(round(p / zoom))) for p in self.patch)
+        image = pad_to(image, crop, value=float(image.min()))
         if label is not None:
-            label = pad_to(label, self.patch)
+            label = pad_to(label, crop)
         shape = image.shape[1:]
-        starts = [int(self.rng.integers(0, s - p + 1)) for s, p in zip(shape, self.patch)]
+        starts = [int(self.rng.integers(0, s - p + 1)) for s, p in zip(shape, crop)]
         if label is not None and self.rng.random() < self.foreground_prob:
             fg = np.argwhere(label > 0) if label.ndim != case.image.ndim - 1 else self._foreground_voxels(case, label)
             if len(fg):
                 centre = fg[self.rng.integers(len(fg))]
-                starts = [int(np.clip(c - p // 2, 0, s - p)) for c, p, s in zip(centre, self.patch, shape)]
-        sl = tuple(slice(st, st + p) for st, p in zip(starts, self.patch))
+                starts = [int(np.clip(c - p // 2, 0, s - p)) for c, p, s in zip(centre, crop, shape)]
+        sl = tuple(slice(st, st + p) for st, p in zip(starts, crop))
         img = image[(slice(None),) + sl]
         lab = label[sl] if label is not None else None
-        if self.augment:
-            img, lab = self._augment(img, lab)
+        if crop != self.patch:
+            img = _resize(img, self.patch, "linear")
+            lab = None if lab is None else _resize(lab, self.patch, "nearest-exact")
+        if self.augment.flips:
+            img, lab = self._flip(img, lab)
+        if self.augment.intensity > 0:
+            img = self._jitter_intensity(img)
         return np.ascontiguousarray(img), None if lab is None else np.ascontiguousarray(lab)
 
-    def _augment(self, img, lab):
+    def _jitter_intensity(self, img: np.ndarray) -> np.ndarray:
+        s = self.augment.intensity
+        per_channel = self.rng.uniform(1 - s, 1 + s, size=(img.shape[0],) + (1,) * (img.ndim - 1))
+        img = img * per_channel.astype(img.dtype)
+        mean = img.mean()
+        return ((img - mean) * np.float32(self.rng.uniform(1 - s, 1 + s)) + mean).astype(img.dtype, copy=False)
+
+    def _flip(self, img, lab):
         plane = _rotation_plane(self.patch)
         if plane is not None:
             k = int(self.rng.integers(4))

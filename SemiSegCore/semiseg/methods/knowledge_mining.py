@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from ..config import ConfigError
 from ..data.resample import resample_label
-from ..data.sampling import Batch, PatchSampler
+from ..data.sampling import Augmentation, Batch, PatchSampler
 from ..io import Image, read_label, write_image
 from ..losses import dice_ce_loss, sigmoid_rampup
 from ..metrics import dice_score
@@ -230,7 +230,7 @@ class KnowledgeMining(Method):
             return
         t = trainer.cfg.train
         self._sampler = PatchSampler(cases, t.patch_size, t.unlabelled_batch_size, t.seed * 1000 + 700 + self.round,
-                                     t.augment, 0.0, labels=self.pseudo, slice_axis=t.slice_axis)
+                                     Augmentation.of(t), 0.0, labels=self.pseudo, slice_axis=t.slice_axis)
         if self._sampler_state is not None:
             self._sampler.load_state_dict(self._sampler_state)
             self._sampler_state = None

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError, build_dataclass
 from ..data.cases import LoadedCase, Manifest, discover_cases, load_case, make_manifest
-from ..data.sampling import Batch, PatchSampler
+from ..data.sampling import Augmentation, Batch, PatchSampler
 from ..models.task_head import TaskPromptedHead
 from .base import Method
 
@@ -330,12 +330,12 @@ class VerSemi(Method):
             if not d.train_cases:
                 raise ValueError(f"{d.root}: no labelled training cases for versemi ({d.manifest.summary()})")
             seed = t.seed * 1000 + 100 * d.index  # under torchrun every rank draws the global batch, keeps a share
-            d.sampler = PatchSampler(d.train_cases, d.patch, d.batch_size, seed, t.augment, t.foreground_crop,
+            d.sampler = PatchSampler(d.train_cases, d.patch, d.batch_size, seed, Augmentation.of(t), t.foreground_crop,
                                      **share)
             if need_unlabelled and d.manifest.unlabelled and d.unlabelled_batch_size > 0:
                 d.unlabelled_cases = d.load(d.manifest.unlabelled, False)
                 d.unlabelled_sampler = PatchSampler(d.unlabelled_cases, d.patch, d.unlabelled_batch_size,
-                                                    seed + 50, t.augment, **share)
+                                                    seed + 50, Augmentation.of(t), **share)
         if need_unlabelled and not any(d.unlabelled_sampler for d in self.data):
             raise ValueError("versemi: stage 2 (versemi.unlabelled_start) needs unlabelled cases, but no dataset has "
                              "any; set versemi.unlabelled_start: null for labelled-only training")

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ..checkpoint import load_checkpoint, restore
 from ..config import Config, ConfigError, save_config
 from ..data.cases import LoadedCase, Manifest, dataset_labels, discover_cases, load_case, make_manifest
-from ..data.sampling import PatchSampler
+from ..data.sampling import Augmentation, PatchSampler
 from ..errors import TrainingError
 from ..infer import Predictor
 from ..methods import build_method
@@ -83,14 +83,15 @@ class Trainer:
                               f"({self.manifest.summary()})")
         t = cfg.train
         seed, share = t.seed * 1000, {"rank": self.ctx.rank, "world_size": self.ctx.world_size}
-        self.labelled_sampler = PatchSampler(self.labelled, t.patch_size, t.batch_size, seed, t.augment,
+        augment = Augmentation.of(t)
+        self.labelled_sampler = PatchSampler(self.labelled, t.patch_size, t.batch_size, seed, augment,
                                              t.foreground_crop, slice_axis=t.slice_axis, **share)
         wants_batches = self.method.uses_unlabelled_batches
         wants_batches = self.method.needs_unlabelled if wants_batches is None else wants_batches
         self.unlabelled_sampler = None
         if self.unlabelled and wants_batches:
             self.unlabelled_sampler = PatchSampler(self.unlabelled, t.patch_size, t.unlabelled_batch_size, seed + 500,
-                                                   t.augment, slice_axis=t.slice_axis, **share)
+                                                   augment, slice_axis=t.slice_axis, **share)
         self.model = dist.wrap(self.method, self.ctx)
         self.optimizer = self._optimizer()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
