@@ -47,28 +47,9 @@ def _input_images(path: Path):
     return [(c.id, c.image) for c in discover_cases(path)]
 
 
-def output_name(case_id: str, image_path: str) -> str:
-    """Labels of volumes are written as NIfTI (or NRRD for NRRD input); labels of 2D pictures as PNG."""
-    low = image_path.lower()
-    if low.endswith((".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")):
-        return f"{case_id}.png"
-    if low.endswith(".nrrd"):
-        return f"{case_id}.seg.nrrd"
-    return f"{case_id}.nii.gz"
-
-
-def write_label(label_img, path: Path, num_classes: int, overwrite: bool = False) -> Path:
-    """Binary 2D masks are written 0/255 (viewable, and read back as 0/1); everything else keeps label values."""
-    from .io import write_image
-
-    if label_img.spatial_ndim == 2 and num_classes == 2:
-        label_img = label_img.with_array((label_img.array > 0).astype("uint8") * 255)
-    return write_image(label_img, path, overwrite=overwrite)
-
-
 def cmd_predict(args) -> int:
     from .infer import load_predictor
-    from .io import read_image
+    from .io import label_path, read_image, write_label
 
     out = Path(args.out)
     check_out_apart(Path(args.input), out)
@@ -76,11 +57,11 @@ def cmd_predict(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     items = _input_images(Path(args.input))
     for cid, image_path in tqdm(items, desc="predicting", disable=args.quiet):
-        target = out / output_name(cid, image_path)
+        target = label_path(out, cid, image_path)
         if target.exists() and not args.overwrite:
             continue  # a re-run resumes; an existing result is never replaced unless asked
         image = read_image(image_path)
-        write_label(predictor.segment(image), target, predictor.config.data.num_classes, overwrite=args.overwrite)
+        write_label(predictor.segment(image), target, overwrite=args.overwrite)
     print(f"{len(items)} case(s) -> {out}")
     return 0
 

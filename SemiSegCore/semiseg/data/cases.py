@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 
 from ..io import Image, ImageError, case_id_from_path, is_image_file, read_image, read_label
-from ..io.formats import IMAGE_2D_EXTS
 
 
 @dataclass
@@ -273,7 +272,3 @@ def load_case(case: Case, intensity: str, num_classes: int, with_label: bool = T
     label = None if native is None else resample_label(native, shape)
     grid = geometry if shape == img.spatial_shape else resampled_grid(geometry, shape)
     return LoadedCase(case.id, arr, label, geometry, reference=native, grid=grid)
-
-
-def is_2d_case(case: Case) -> bool:
-    return case.image.lower().endswith(IMAGE_2D_EXTS)
