@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .data.cases import normalise, to_channels_first
+from .data.cases import to_channels_first
+from .data.intensity import normalise
 from .io import Image, ImageError
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io import Image, ImageError, case_id_from_path, is_image_file, read_image, read_label
+from .intensity import normalise
 
 
 @dataclass
@@ -197,23 +198,6 @@ def make_manifest(cases: list[Case], labelled: float, val: float = 0.0, test: fl
 def to_channels_first(img: Image) -> np.ndarray:
     arr = np.asarray(img.array, dtype=np.float32)
     return np.moveaxis(arr, -1, 0) if img.channels > 1 else arr[None]
-
-
-def normalise(arr: np.ndarray, mode: str) -> np.ndarray:
-    """Per-case intensity normalisation of a channels-first float array."""
-    if mode == "none":
-        return arr
-    if mode == "rgb":
-        return arr / 255.0
-    if mode == "zscore":
-        return (arr - arr.mean()) / max(float(arr.std()), 1e-6)
-    if mode == "minmax":
-        lo, hi = float(arr.min()), float(arr.max())
-        return (arr - lo) / max(hi - lo, 1e-6)
-    if mode == "percentile":
-        lo, hi = np.percentile(arr, [0.5, 99.5])
-        return (np.clip(arr, lo, hi) - lo) / max(float(hi - lo), 1e-6)
-    raise ValueError(f"unknown intensity normalisation '{mode}' (none, rgb, zscore, minmax, percentile)")
 
 
 @dataclass
