@@ -74,8 +74,9 @@ def content_key(arr: np.ndarray) -> str:
     return h.hexdigest()
 
 
-class EmbeddingCache:
-    """Least-recently-used embeddings, at most ``max_items``, keyed by slice content (and the backend)."""
+class SliceEmbeddingCache:
+    """Least-recently-used image-slice embeddings in memory, at most ``max_items``, keyed by slice content (and the
+    backend). (Text embeddings are cached on disk by :class:`semiseg.knowledge.TextEmbeddingCache`.)"""
 
     def __init__(self, max_items: int = 32):
         self.max_items = max_items
@@ -146,7 +147,7 @@ class SamEngine:
         if batch_size is None:
             batch_size = 8 if backend.device.type == "cuda" else 1
         self.batch_size = max(1, int(batch_size))
-        self.cache = EmbeddingCache(cache_size)
+        self.cache = SliceEmbeddingCache(cache_size)
         self.multimask = multimask
         self.timing = SliceTiming()
         self._backend_key = f"{backend.name}:{backend.model_type}:{backend.checkpoint_sha256 or id(backend)}"
