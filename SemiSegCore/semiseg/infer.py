@@ -1,4 +1,4 @@
-"""Sliding-window inference, post-processing and the predictor of a trained run directory."""
+"""Sliding-window inference and the predictor of a trained run directory (post-processing: semiseg.postprocess)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,9 +6,10 @@ from typing import Callable
 
 import numpy as np
 import torch
-from scipy import ndimage
 
-from .data.cases import normalise, to_channels_first
+from .data.cases import to_channels_first
+from .data.intensity import normalise
+from .postprocess import largest_component
 from .io import Image, ImageError
 
 
@@ -41,19 +42,6 @@ def sliding_window_probs(net: Callable[[torch.Tensor], torch.Tensor], image: np.
     crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(pads[2:], spatial))
     out = probs[(slice(None), slice(None)) + crop].float().cpu().numpy()
     return out if stacked else out[0]
-
-
-def largest_component(labels: np.ndarray) -> np.ndarray:
-    """Keep, for each foreground label, only its largest connected component."""
-    out = np.zeros_like(labels)
-    for k in np.unique(labels):
-        if k == 0:
-            continue
-        comp, n = ndimage.label(labels == k)
-        if n:
-            sizes = ndimage.sum_labels(np.ones_like(comp), comp, index=range(1, n + 1))
-            out[comp == (int(np.argmax(sizes)) + 1)] = k
-    return out
 
 
 class Predictor:

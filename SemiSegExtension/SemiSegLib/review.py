@@ -1,7 +1,9 @@
 """The review queue: pseudo-labelled cases waiting for a person to accept, correct or reject them.
 
 The queue lives in the dataset folder as ``semiseg_review.json``; pseudo-labels are files under
-``pseudo_labels/`` (no dataset layout reads that folder, so they never count as labels by themselves).
+``pseudo_labels/``, each with its provenance beside it (:mod:`semiseg.io.labels`; no dataset layout reads that
+folder, so they never count as labels by themselves). The output folder of ``semiseg pseudolabel`` is queued with
+:meth:`ReviewQueue.import_folder`.
 Accepting a case writes its label where ``semiseg.data.discover_cases`` looks for labels (``labelsTr/`` of an
 MSD dataset, the masks folder of an images/masks dataset; ``dataset.json`` is updated when it lists the cases),
 so the next training run sees the case as labelled. A label that is already there is never overwritten: it is
@@ -15,13 +17,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from semiseg.data import discover_cases
-from semiseg.data.cases import detect_layout
-from semiseg.io import Image, case_id_from_path, write_image
-from semiseg.io.formats import IMAGE_2D_EXTS
+from semiseg.data.cases import detect_layout, index_by_id
+from semiseg.io import (IMAGE_2D_EXTS, PSEUDO_LABEL_DIR, Image, case_id_from_path, label_path, read_image, read_label,
+                        read_sidecar, write_label)
 from semiseg.utils import atomic_write_text
 
 QUEUE_FILE = "semiseg_review.json"
-PSEUDO_DIR = "pseudo_labels"
 STATUSES = ("pending", "accepted", "corrected", "rejected")
 
 
@@ -41,10 +42,6 @@ class ReviewItem:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S")
-
-
-def _label_ext(image_path: str) -> str:
-    return ".png" if image_path.lower().endswith(IMAGE_2D_EXTS) else ".nii.gz"
 
 
 class ReviewQueue:
@@ -75,20 +72,42 @@ class ReviewQueue:
         return self.items[case_id]
 
     def add(self, case_id: str, image_path: str, label: Image, score: float, provenance: dict) -> ReviewItem:
-        """Store a pseudo-label as a new file and queue the case (pending). Earlier pseudo-labels stay on disk."""
-        folder = self.root / PSEUDO_DIR
-        ext = _label_ext(image_path)
-        target = folder / f"{case_id}{ext}"
-        n = 2
+        """Store a pseudo-label as a new file (with its provenance beside it) and queue the case (pending). Earlier
+        pseudo-labels stay on disk."""
+        folder = self.root / PSEUDO_LABEL_DIR
+        target, n = label_path(folder, case_id, image_path), 2
         while target.exists():
-            target = folder / f"{case_id}.v{n}{ext}"
+            target = label_path(folder, f"{case_id}.v{n}", image_path)
             n += 1
-        write_image(label, target)
+        provenance = {"source": "unknown", **provenance, "score": float(score)}
+        write_label(label, target, provenance=provenance)
         item = ReviewItem(case_id, str(image_path), str(target), float(score), dict(provenance), "pending", None,
                           _now())
         self.items[case_id] = item
         self.save()
         return item
+
+    def import_folder(self, folder: str | Path) -> list[ReviewItem]:
+        """Queue the pseudo-labels of a folder (the ``--out`` of ``semiseg pseudolabel``), matched to this dataset's
+        cases by case id and scored by their provenance's ``score``. A case a person already accepted or corrected
+        is left as it is."""
+        folder = Path(folder)
+        cases = {c.id: c for c in discover_cases(self.root)}
+        found = index_by_id(folder)
+        unknown = sorted(set(found) - set(cases))
+        if unknown:
+            raise KeyError(f"{folder}: {len(unknown)} pseudo-label(s) for cases that {self.root} does not have "
+                           f"(e.g. {found[unknown[0]].name})")
+        added = []
+        for case_id, path in found.items():
+            if case_id in self.items and self.items[case_id].status in ("accepted", "corrected"):
+                continue
+            label, image = read_label(path), read_image(cases[case_id].image)
+            image.check_same_grid(label)
+            provenance = read_sidecar(path)
+            added.append(self.add(case_id, cases[case_id].image, label, provenance.get("score", float("nan")),
+                                  dict(provenance, imported_from=str(path))))
+        return added
 
     def reject(self, case_id: str) -> ReviewItem:
         item = self.get(case_id)
@@ -98,8 +117,6 @@ class ReviewQueue:
 
     def accept(self, case_id: str, label: Image | None = None) -> ReviewItem:
         """Accept the pseudo-label as it is (``label`` None) or a person's correction of it (``label`` given)."""
-        from semiseg.io import read_label
-
         item = self.get(case_id)
         corrected = label is not None
         if label is None:
@@ -130,7 +147,7 @@ def write_case_label(root: Path, case_id: str, image_path: str, label: Image) ->
     if case_id not in known:
         raise KeyError(f"{root}: no case '{case_id}' in the dataset")
     folder = labels_folder(root)
-    target = folder / f"{case_id}{_label_ext(image_path)}"
+    target = label_path(folder, case_id, image_path)
     existing = [p for p in ([Path(known[case_id].label)] if known[case_id].label else []) + [target] if p.exists()]
     for old in dict.fromkeys(existing):
         stamp, n = time.strftime("%Y%m%d-%H%M%S"), 1
@@ -140,7 +157,7 @@ def write_case_label(root: Path, case_id: str, image_path: str, label: Image) ->
             keep = old.parent / "superseded" / f"{stamp}.{n}-{old.name}"
         keep.parent.mkdir(parents=True, exist_ok=True)
         old.rename(keep)
-    write_image(label, target)
+    write_label(label, target)
     _register_in_dataset_json(root, case_id, target)
     return target
 
@@ -215,11 +232,9 @@ def accept_segmentation(queue: ReviewQueue, case_id: str, segmentation_node, vol
     segment keeps its own label value (see :func:`nodes.label_values`)."""
     import numpy as np
 
-    from semiseg.io import read_label
+    from semiseg.data import dataset_labels
 
     from . import nodes
-
-    from semiseg.data import dataset_labels
 
     item = queue.get(case_id)
     values = nodes.label_values(segmentation_node, dataset_labels(queue.root))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from semiseg import knowledge
-from semiseg.knowledge import EmbeddingCache, KnowledgeError, available_knowledge, read_knowledge
+from semiseg.knowledge import KnowledgeError, TextEmbeddingCache, available_knowledge, read_knowledge
 from semiseg.knowledge.cli import add_knowledge_parser
 from semiseg.knowledge.generate import generate_with_endpoint
 
@@ -40,7 +40,7 @@ def test_unknown_knowledge_names_the_available_ones():
 
 
 def test_minilm_embeddings_are_cached_and_meaningful(tmp_path, monkeypatch):
-    cache = EmbeddingCache(tmp_path)
+    cache = TextEmbeddingCache(tmp_path)
     la = cache.embed(read_knowledge("left_atrium"))
     assert la.shape == (384,) and abs(np.linalg.norm(la) - 1) < 1e-5
     heart = cache.embed("the left atrium, an upper chamber of the heart that receives the pulmonary veins")

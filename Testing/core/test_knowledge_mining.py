@@ -121,12 +121,12 @@ def test_real_run_mines_saves_and_resumes(tmp_path):
     restored.load_state_dict(state["method"])
     assert len(restored.pseudo) == mining[0]["accepted"]
     for cid, label in restored.pseudo.items():  # the run directory holds the same masks, with provenance
-        prov = json.loads((run / "pseudolabels" / f"{cid}.json").read_text())
+        prov = json.loads((run / "pseudo_labels" / f"{cid}.json").read_text())
         assert prov["backend"] == "litemedsam" and prov["round"] == 1 and prov["accepted"]
         assert prov["gate"]["decisions"][0]["iou"] > 0
         from semiseg.io import read_label
 
-        assert (read_label(run / "pseudolabels" / f"{cid}.png").array == label).all()
+        assert (read_label(run / "pseudo_labels" / f"{cid}.png").array == label).all()
     # resume to 5 iterations: no second round (one_time), the checkpointed pseudo-labels keep training
     train(tiny_cfg("train.iterations=5", *over), run, quiet=True, evaluate_val=False)
     events = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image as PILImage
 
 from semiseg.io import read_image, read_label
 from semiseg.metrics import dice_score
@@ -58,9 +59,11 @@ def test_pseudolabel_masks_resume_and_corrupt_image(tmp_path, capsys):
         pl = read_label(out / f"{i}.png")
         ref = read_label(KVASIR / "masks" / f"{i}.jpg")
         assert pl.spatial_shape == ref.spatial_shape and set(np.unique(pl.array)) <= {0, 1}
+        with PILImage.open(out / f"{i}.png") as pil:  # stored 0/255, as `semiseg predict` stores binary masks
+            assert set(np.unique(np.asarray(pil))) == {0, 255}
         assert dice_score(pl.array, ref.array) > 0.85
         prov = json.loads((out / f"{i}.json").read_text())
-        assert prov["backend"] == "litemedsam" and prov["mask"] == f"{i}.png"
+        assert prov["source"] == "sam" and prov["backend"] == "litemedsam" and prov["mask"] == f"{i}.png"
         assert prov["prompt_source"].startswith("mask:") and len(prov["slices"][0]["prompts"]) == 1
     assert not (out / "broken.png").exists()
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}

@@ -9,8 +9,8 @@ import pytest
 
 from semiseg.io import Image, read_image, read_label
 from semiseg.metrics import dice_score
-from semiseg.sam import (EmbeddingCache, SamEngine, SegmentAnythingBackend, build_backend, pseudolabel_from_mask,
-                         pseudolabel_from_probability, to_uint8)
+from semiseg.sam import (SamEngine, SegmentAnythingBackend, SliceEmbeddingCache, build_backend,
+                         pseudolabel_from_mask, pseudolabel_from_probability, to_uint8)
 from semiseg.sam.prompts import Prompt
 
 from test_sam_backends import tiny_sam
@@ -79,7 +79,7 @@ def test_cache_hits_lru_bound_and_identical_slices():
     fresh = SamEngine(backend, cache_size=0)
     embs = fresh.embed_slices([rgb, rgb.copy(), rgb, rgb])
     assert fresh.timing.embedded == 1 and len(fresh.cache) == 0 and all(e is embs[0] for e in embs)
-    cache = EmbeddingCache(1)
+    cache = SliceEmbeddingCache(1)
     cache.put("a", 1)
     cache.put("b", 2)
     assert cache.get("a") is None and cache.get("b") == 2 and (cache.hits, cache.misses) == (1, 1)

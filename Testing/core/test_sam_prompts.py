@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from semiseg.io import Image, read_image
+from semiseg.postprocess import largest_component
 from semiseg.sam.prompts import (Prompt, ijk_to_ras, prompt_from_cam, prompt_from_probability, prompts_from_mask,
                                  prompts_from_user, ras_to_ijk, slice_prompts)
 
@@ -53,6 +54,19 @@ def test_prompt_validation_and_json():
     assert d == {"label": 3, "source": "x", "box": [1.0, 2.0, 3.0, 4.0], "points": [[2.0, 3.0]], "point_labels": [1]}
     with pytest.raises(ValueError, match="2D mask"):
         prompts_from_mask(np.zeros((2, 3, 4)))
+
+
+def test_largest_component_of_each_label_and_of_a_binary_mask():
+    """One function for inference post-processing (label maps) and the prompt builders (binary masks)."""
+    labels = np.zeros((12, 12), np.uint8)
+    labels[1:5, 1:5], labels[8:9, 8:9] = 1, 1  # label 1: a 4x4 block and a stray pixel
+    labels[1:3, 8:11], labels[10:12, 0:2] = 2, 2  # label 2: 2x3 and 2x2
+    kept = largest_component(labels)
+    assert kept.dtype == np.uint8 and kept[8, 8] == 0 and (kept[1:5, 1:5] == 1).all()
+    assert (kept[1:3, 8:11] == 2).all() and not kept[10:12, 0:2].any()
+    binary = largest_component(labels == 1)
+    assert binary.dtype == bool and (binary == (kept == 1)).all()
+    assert not largest_component(np.zeros((4, 4), bool)).any()
 
 
 def test_probability_prompt_uses_largest_component_and_confident_points():

@@ -1,9 +1,13 @@
-"""The review queue on a small real MSD folder: queue, accept, correct (keeping the old label), reject."""
+"""The review queue on a small real MSD folder: queue, accept, correct (keeping the old label), reject; and the
+output folder of `semiseg pseudolabel` on Kvasir-SEG pictures, queued and accepted."""
 import json
 
 import numpy as np
 import pytest
+from PIL import Image as PILImage
 
+from conftest import DATA
+from semiseg.cli import main
 from semiseg.data import discover_cases
 from semiseg.io import read_label
 from SemiSegLib import nodes, review
@@ -64,7 +68,7 @@ def test_queue_sorted_by_score_and_reject(scene, msd_dataset):
     # a second pseudo-label for the same case is a new file; the first stays
     first = queue.get(low).pseudo_label
     second = queue.add(low, queue.get(low).image, grid.with_array(np.zeros(grid.spatial_shape, np.uint8)), 0.3, {})
-    assert second.pseudo_label != first and (root / review.PSEUDO_DIR / first.split("/")[-1]).exists()
+    assert second.pseudo_label != first and (root / review.PSEUDO_LABEL_DIR / first.split("/")[-1]).exists()
 
 
 def test_accept_updates_dataset_json(scene, msd_dataset):
@@ -89,3 +93,45 @@ def test_errors_name_the_problem(tmp_path, msd_dataset):
     (root / review.QUEUE_FILE).write_text("{broken")
     with pytest.raises(ValueError, match="semiseg_review.json"):
         review.ReviewQueue(root)
+
+
+def test_pseudolabel_output_folder_is_queued(tmp_path):
+    """`semiseg pseudolabel` on two Kvasir-SEG pictures, its output folder queued for review, one case accepted."""
+    kvasir = DATA / "kvasir-seg"
+    if not kvasir.is_dir():
+        pytest.skip(f"Kvasir-SEG not found at {kvasir}")
+    ids = sorted(p.stem for p in (kvasir / "images").glob("*.jpg"))[4:6]
+    root, prompts = tmp_path / "polyps", tmp_path / "prompt_masks"
+    for folder in (root / "images", root / "masks", prompts):
+        folder.mkdir(parents=True)
+    for i in ids:
+        (root / "images" / f"{i}.jpg").symlink_to(kvasir / "images" / f"{i}.jpg")
+        (prompts / f"{i}.jpg").symlink_to(kvasir / "masks" / f"{i}.jpg")
+    (root / "masks" / f"{ids[0]}.jpg").symlink_to(kvasir / "masks" / f"{ids[0]}.jpg")  # the other is unlabelled
+    out = tmp_path / "pseudo_out"
+    assert main(["pseudolabel", "--input", str(root / "images"), "--prompt-from-masks", str(prompts),
+                 "--out", str(out), "--device", "cpu"]) == 0
+
+    queue = review.ReviewQueue(root)
+    items = queue.import_folder(out)
+    assert sorted(i.case_id for i in items) == ids
+    for item in items:
+        written = json.loads((out / f"{item.case_id}.json").read_text())
+        assert item.status == "pending" and item.score == written["score"] and item.provenance["source"] == "sam"
+        assert item.pseudo_label == str(root / review.PSEUDO_LABEL_DIR / f"{item.case_id}.png")
+        np.testing.assert_array_equal(read_label(item.pseudo_label).array, read_label(out / f"{item.case_id}.png")
+                                      .array)
+        assert json.loads((root / review.PSEUDO_LABEL_DIR / f"{item.case_id}.json").read_text())["source"] == "sam"
+
+    accepted = review.ReviewQueue(root).accept(ids[1])
+    assert accepted.label == str(root / "masks" / f"{ids[1]}.png")
+    with PILImage.open(accepted.label) as pil:
+        assert set(np.unique(np.asarray(pil))) == {0, 255}
+    assert {c.id: c.label for c in discover_cases(root)}[ids[1]] == accepted.label
+    # importing again leaves the accepted case alone and re-queues the other
+    again = review.ReviewQueue(root).import_folder(out)
+    assert [i.case_id for i in again] == [ids[0]] and review.ReviewQueue(root).get(ids[1]).status == "accepted"
+
+    (out / "elsewhere.png").write_bytes((out / f"{ids[0]}.png").read_bytes())
+    with pytest.raises(KeyError, match="elsewhere.png"):
+        review.ReviewQueue(root).import_folder(out)

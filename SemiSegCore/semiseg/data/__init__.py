@@ -1,6 +1,7 @@
 """Cases, manifests, validated loading and patch sampling."""
 from .cases import (Case, LoadedCase, Manifest, dataset_labels, discover_cases, grid_of, load_case, make_manifest,
-                    normalise, to_channels_first)
+                    to_channels_first)
+from .intensity import normalise
 
 
 def __getattr__(name):  # sampling needs torch: imported on first use, so that listing cases does not load torch

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io import Image, ImageError, case_id_from_path, is_image_file, read_image, read_label
-from ..io.formats import IMAGE_2D_EXTS
+from .intensity import normalise
 
 
 @dataclass
@@ -200,23 +200,6 @@ def to_channels_first(img: Image) -> np.ndarray:
     return np.moveaxis(arr, -1, 0) if img.channels > 1 else arr[None]
 
 
-def normalise(arr: np.ndarray, mode: str) -> np.ndarray:
-    """Per-case intensity normalisation of a channels-first float array."""
-    if mode == "none":
-        return arr
-    if mode == "rgb":
-        return arr / 255.0
-    if mode == "zscore":
-        return (arr - arr.mean()) / max(float(arr.std()), 1e-6)
-    if mode == "minmax":
-        lo, hi = float(arr.min()), float(arr.max())
-        return (arr - lo) / max(hi - lo, 1e-6)
-    if mode == "percentile":
-        lo, hi = np.percentile(arr, [0.5, 99.5])
-        return (np.clip(arr, lo, hi) - lo) / max(float(hi - lo), 1e-6)
-    raise ValueError(f"unknown intensity normalisation '{mode}' (none, rgb, zscore, minmax, percentile)")
-
-
 @dataclass
 class LoadedCase:
     id: str
@@ -273,7 +256,3 @@ def load_case(case: Case, intensity: str, num_classes: int, with_label: bool = T
     label = None if native is None else resample_label(native, shape)
     grid = geometry if shape == img.spatial_shape else resampled_grid(geometry, shape)
     return LoadedCase(case.id, arr, label, geometry, reference=native, grid=grid)
-
-
-def is_2d_case(case: Case) -> bool:
-    return case.image.lower().endswith(IMAGE_2D_EXTS)

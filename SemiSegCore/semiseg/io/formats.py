@@ -1,4 +1,4 @@
-"""Read and write images and label maps with their geometry.
+"""Read and write images with their geometry (label maps: their values, paths and provenance are in :mod:`.labels`).
 
 Supported: NIfTI (.nii, .nii.gz), NRRD (.nrrd) and Slicer segmentations (.seg.nrrd), the UA-MT / SSL4MIS HDF5
 layout (.h5 with ``image`` and ``label`` datasets), and 2D PNG/JPEG/TIFF/BMP.
@@ -63,30 +63,6 @@ def read_image(path: str | Path, h5_key: str = "image") -> Image:
         bad = int(np.count_nonzero(~np.isfinite(img.array)))
         if bad:
             raise ImageError(f"{path}: {bad} of {img.array.size} values are NaN or infinite")
-    return img
-
-
-def read_label(path: str | Path, h5_key: str = "label") -> Image:
-    """Read a label map as integers.
-
-    2D masks saved as 8-bit pictures (0/255, often JPEG with compression noise) are binarised at > 127 when their
-    maximum exceeds 127; otherwise values are kept. Non-integer values in a volume are an error.
-    """
-    img = read_image(path, h5_key=h5_key)
-    arr = img.array
-    if img.channels > 1:  # an RGB mask: any channel above half
-        arr = arr.max(axis=-1)
-        img = Image(arr, img.spacing, img.origin, img.direction, path=img.path)
-    if _ext(path) in IMAGE_2D_EXTS and arr.max() > 127:
-        arr = (arr > 127).astype(np.uint8)
-    else:
-        rounded = np.rint(arr)
-        if not np.allclose(arr, rounded, atol=1e-3):
-            raise ImageError(f"{path}: label map has non-integer values (e.g. {arr[np.abs(arr - rounded) > 1e-3][:3]})")
-        if rounded.min() < 0:
-            raise ImageError(f"{path}: label map has negative values (min {rounded.min():g})")
-        arr = rounded.astype(np.uint8 if rounded.max() < 256 else np.int32)
-    img.array = arr
     return img
 
 

@@ -11,8 +11,8 @@ encoded) or in any file given by path.
 """
 from .encoders import DEFAULT_ENCODER, TextEncoder, encoder_identity, load_encoder, resolve_encoder_path
 from .texts import KnowledgeError, available_knowledge, knowledge_dir, read_knowledge, resolve_knowledge
-from .cache import EmbeddingCache, default_cache_dir, task_embedding
+from .cache import TextEmbeddingCache, default_cache_dir, task_embedding
 
 __all__ = ["DEFAULT_ENCODER", "TextEncoder", "encoder_identity", "load_encoder", "resolve_encoder_path",
            "KnowledgeError", "available_knowledge", "knowledge_dir", "read_knowledge", "resolve_knowledge",
-           "EmbeddingCache", "default_cache_dir", "task_embedding"]
+           "TextEmbeddingCache", "default_cache_dir", "task_embedding"]

@@ -19,7 +19,9 @@ def default_cache_dir() -> Path:
     return Path(base) / "text_embeddings"
 
 
-class EmbeddingCache:
+class TextEmbeddingCache:
+    """Text embeddings on disk, one ``<key>.npy`` (and a ``.json`` naming text and encoder) per (text, encoder)."""
+
     def __init__(self, folder: str | Path | None = None):
         self.folder = Path(folder) if folder else default_cache_dir()
 
@@ -57,4 +59,4 @@ def task_embedding(knowledge: str, encoder: str = DEFAULT_ENCODER,
                    cache_dir: str | Path | None = None) -> tuple[np.ndarray, str]:
     """(vector (d,), text) for a knowledge name or file."""
     text = read_knowledge(knowledge)
-    return EmbeddingCache(cache_dir).embed(text, encoder), text
+    return TextEmbeddingCache(cache_dir).embed(text, encoder), text

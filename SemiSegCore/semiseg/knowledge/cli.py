@@ -60,10 +60,10 @@ def _regenerate_command(args) -> str:
 
 
 def cmd_embed(args) -> int:
-    from .cache import EmbeddingCache
+    from .cache import TextEmbeddingCache
     from .texts import read_knowledge
 
-    cache = EmbeddingCache(args.cache)
+    cache = TextEmbeddingCache(args.cache)
     vector = cache.embed(read_knowledge(args.knowledge), args.encoder)
     print(f"{args.knowledge}: {vector.shape[0]}-d embedding ({args.encoder}), cached in {cache.folder}")
     return 0

@@ -13,13 +13,13 @@ masks teach the U-Net++ back.
 Schedules: ``one_time`` mines once, after the warm-up; ``continuous`` mines again every ``every`` iterations with the
 improved U-Net++ (each round replaces the previous pseudo-labels).
 
-Pseudo-labels are written to ``<run>/pseudolabels/`` (``<case>.png`` for 2D (0/255 when binary),
-``<case>.nii.gz`` for volumes, plus ``<case>.json`` with the SAM provenance, the prompts, the predicted IoU and the
-gate decision per slice and class, and the round) and kept in the checkpoint, so a resumed run trains on the same
-pseudo-labels. In a volume, a slice whose prompt fails the gate is marked ``IGNORE`` (255) and left out of the loss;
-slices where the U-Net++ found nothing are background. Each round is logged (``event="mining"``) with the number of
-accepted cases and the Dice of the pseudo-labels against the hidden references of the unlabelled cases (evaluation
-only; training never reads them).
+Pseudo-labels are written to ``<run>/pseudo_labels/`` (``pseudolabels/`` in runs of older versions) by the rules of
+:mod:`semiseg.io.labels` (``<case>.png`` for 2D (0/255 when binary), ``<case>.nii.gz`` for volumes, plus
+``<case>.json`` with the SAM provenance, the prompts, the predicted IoU and the gate decision per slice and class, and
+the round) and kept in the checkpoint, so a resumed run trains on the same pseudo-labels. In a volume, a slice whose
+prompt fails the gate is marked ``IGNORE`` (255) and left out of the loss; slices where the U-Net++ found nothing are
+background. Each round is logged (``event="mining"``) with the number of accepted cases and the Dice of the
+pseudo-labels against the hidden references of the unlabelled cases (evaluation only; training never reads them).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from tqdm import tqdm
 from ..config import ConfigError
 from ..data.resample import resample_label
 from ..data.sampling import Augmentation, Batch, PatchSampler
-from ..io import Image, read_label, write_image
+from ..io import Image, label_path, pseudo_label_dir, read_label, write_label, write_sidecar
 from ..losses import dice_ce_loss, sigmoid_rampup
 from ..metrics import dice_score
 from ..utils import atomic_write_text
@@ -276,7 +276,7 @@ class KnowledgeMining(Method):
         predictor = trainer.predictor()
         references = {c.id: c.reference for c in trainer.manifest.unlabelled}
         k = self.cfg.data.num_classes
-        out_dir = Path(trainer.run_dir) / "pseudolabels"
+        out_dir = pseudo_label_dir(trainer.run_dir)
         write = p.save_pseudolabels and getattr(trainer, "is_main", True)
         pseudo, scores = {}, {"pseudo_dice": [], "sam_dice": [], "model_dice": []}
         quality = []  # per prompted case with a reference: SAM's true Dice, predicted IoU, agreement, stability
@@ -342,22 +342,18 @@ class KnowledgeMining(Method):
                step: int) -> None:
         """``<case>.json`` always (the gate decision included); the mask only when accepted (a stale mask of an
         earlier round is removed when the case is now rejected)."""
-        is_2d = case.image.ndim == 3
-        mask_path = out_dir / f"{case.id}{'.png' if is_2d else '.nii.gz'}"
+        mask_path = label_path(out_dir, case.id, case.geometry.path, case.image.ndim - 1)
         record = dict(prov, case=case.id, round=self.round, step=step, accepted=label is not None,
                       gate={"min_iou": self.params.min_iou, "min_agreement": self.params.min_agreement,
-                            "decisions": decisions},
-                      mask=mask_path.name if label is not None else None, ignore_value=IGNORE)
+                            "decisions": decisions}, ignore_value=IGNORE)
         record.pop("slices", None)  # the per-prompt details are in gate.decisions and prompts below
         record["prompts"] = [dict(pr, slice=s["index"]) for s in prov.get("slices", []) for pr in s["prompts"]]
-        atomic_write_text(out_dir / f"{case.id}.json", json.dumps(record, indent=1))
         if label is None:
+            write_sidecar(mask_path, record, has_mask=False)
             mask_path.unlink(missing_ok=True)
             return
-        if is_2d and self.cfg.data.num_classes == 2:
-            label = np.where(label == 1, 255, 0).astype(np.uint8)  # viewable; read back as 0/1
         label = resample_label(label, case.geometry.spatial_shape)  # reviewed on the image's own grid
-        write_image(case.geometry.with_array(label), mask_path, overwrite=True)
+        write_label(case.geometry.with_array(label), mask_path, overwrite=True, provenance=record)
 
     # -- checkpoint -----------------------------------------------------------------------------------------------
     def get_extra_state(self) -> dict:

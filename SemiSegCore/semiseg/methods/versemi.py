@@ -610,7 +610,7 @@ class VerSemi(Method):
 def evaluate_tasks(method: VerSemi, out_dir: str | Path, quiet: bool = True) -> dict:
     """Score every task on its dataset's loaded validation cases (label maps on each case's own grid) with the core
     metrics. Writes ``out_dir/<dataset>/`` reports and ``out_dir/summary.json`` whose labels are the task names."""
-    from ..infer import largest_component
+    from ..postprocess import largest_component
     from ..report import case_rows, format_table, write_report
 
     out_dir = Path(out_dir)

@@ -20,13 +20,13 @@ Other entry points: :func:`pseudolabel_from_mask` (prompts from a label map, ret
 """
 from .backends import (BACKENDS, SAM_CHECKPOINTS, HFSamBackend, LiteMedSAMBackend, SamBackend, SamCheckpointError,
                        SegmentAnythingBackend, build_backend, resolve_sam_checkpoint)
-from .engine import (EmbeddingCache, PseudoLabel, SamEngine, prompt_stability, pseudolabel_from_mask,
+from .engine import (PseudoLabel, SamEngine, SliceEmbeddingCache, prompt_stability, pseudolabel_from_mask,
                      pseudolabel_from_probability, to_uint8)
 from .prompts import (Prompt, ijk_to_ras, prompt_from_cam, prompt_from_probability, prompts_from_mask,
                       prompts_from_user, ras_to_ijk)
 
 __all__ = ["BACKENDS", "SAM_CHECKPOINTS", "HFSamBackend", "LiteMedSAMBackend", "SamBackend", "SamCheckpointError",
-           "SegmentAnythingBackend", "prompt_stability", "build_backend", "resolve_sam_checkpoint", "EmbeddingCache",
-           "PseudoLabel",
-           "SamEngine", "pseudolabel_from_mask", "pseudolabel_from_probability", "to_uint8", "Prompt", "ijk_to_ras",
-           "prompt_from_cam", "prompt_from_probability", "prompts_from_mask", "prompts_from_user", "ras_to_ijk"]
+           "SegmentAnythingBackend", "prompt_stability", "build_backend", "resolve_sam_checkpoint",
+           "SliceEmbeddingCache", "PseudoLabel", "SamEngine", "pseudolabel_from_mask", "pseudolabel_from_probability",
+           "to_uint8", "Prompt", "ijk_to_ras", "prompt_from_cam", "prompt_from_probability", "prompts_from_mask",
+           "prompts_from_user", "ras_to_ijk"]

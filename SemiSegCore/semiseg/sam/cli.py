@@ -1,9 +1,10 @@
 """``semiseg pseudolabel``: SAM pseudo-labels for a folder of images, a volume or an MSD dataset.
 
 Prompts come from masks (``--prompt-from-masks DIR``, matched to images by case id) or from a trained run's
-predictions (``--prompt-from-run RUN_DIR``). Each case is written as ``<out>/<case>.nii.gz`` (3D) or
-``<out>/<case>.png`` (2D) with its provenance in ``<out>/<case>.json``; cases whose mask already exists are skipped,
-so an interrupted run resumes where it stopped.
+predictions (``--prompt-from-run RUN_DIR``). Each case is written as ``<out>/<case>.nii.gz`` (3D; ``.seg.nrrd``
+for NRRD input) or ``<out>/<case>.png`` (2D, 0/255 when binary) with its provenance in ``<out>/<case>.json`` (the
+rules of :mod:`semiseg.io.labels`); cases whose mask already exists are skipped, so an interrupted run resumes where
+it stopped. The Slicer review queue takes such a folder (``ReviewQueue.import_folder``).
 """
 from __future__ import annotations
 
@@ -53,10 +54,10 @@ def shard() -> tuple[int, int]:
 def run_pseudolabel(args) -> int:
     from tqdm import tqdm
 
-    from ..data.cases import discover_cases, index_by_id, is_2d_case
-    from ..io import ImageError, read_image, read_label
+    from ..data.cases import discover_cases, index_by_id
+    from ..io import ImageError, label_path, read_image, read_label
     from .backends import build_backend
-    from .engine import PseudoLabel, SamEngine, output_path, pseudolabel_from_mask, pseudolabel_from_probability
+    from .engine import PseudoLabel, SamEngine, pseudolabel_from_mask, pseudolabel_from_probability
 
     out = Path(args.out)
     cases = discover_cases(args.input)
@@ -82,7 +83,7 @@ def run_pseudolabel(args) -> int:
     written = skipped = failed = 0
     scores = []
     for case in tqdm(cases, desc="pseudolabel" if world == 1 else f"pseudolabel rank {rank}", unit="case"):
-        if output_path(out, case.id, is_2d_case(case)).exists():
+        if label_path(out, case.id, case.image).exists():
             skipped += 1
             continue
         try:

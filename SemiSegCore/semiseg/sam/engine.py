@@ -8,7 +8,6 @@ claim the same pixel, the one with the higher predicted IoU wins.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -16,8 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import Image, write_image
-from ..utils import atomic_write_text
+from ..io import Image, label_path, write_label
 from .backends import Embedding, SamBackend
 from .prompts import Prompt, prompt_from_probability, prompts_from_mask, slice_prompts
 
@@ -76,8 +74,9 @@ def content_key(arr: np.ndarray) -> str:
     return h.hexdigest()
 
 
-class EmbeddingCache:
-    """Least-recently-used embeddings, at most ``max_items``, keyed by slice content (and the backend)."""
+class SliceEmbeddingCache:
+    """Least-recently-used image-slice embeddings in memory, at most ``max_items``, keyed by slice content (and the
+    backend). (Text embeddings are cached on disk by :class:`semiseg.knowledge.TextEmbeddingCache`.)"""
 
     def __init__(self, max_items: int = 32):
         self.max_items = max_items
@@ -111,11 +110,6 @@ class EmbeddingCache:
 
 # ---------------------------------------------------------------------------------------------------- results
 
-def output_path(out_dir: str | Path, case_id: str, is_2d: bool) -> Path:
-    """Where a case's pseudo-label goes: ``<case>.png`` for 2D images, ``<case>.nii.gz`` for volumes."""
-    return Path(out_dir) / f"{case_id}{'.png' if is_2d else '.nii.gz'}"
-
-
 @dataclass
 class PseudoLabel:
     label: Image  # integer label map on the input image's grid
@@ -123,16 +117,10 @@ class PseudoLabel:
     provenance: dict = field(default_factory=dict)
 
     def write(self, out_dir: str | Path, case_id: str, overwrite: bool = False) -> Path:
-        """Write ``<case>.json`` (provenance) then ``<case>.nii.gz`` (3D) or ``<case>.png`` (2D), both atomically.
-        The mask is written last: its presence marks a finished case."""
-        out_dir = Path(out_dir)
-        mask_path = output_path(out_dir, case_id, self.label.spatial_ndim == 2)
-        if mask_path.exists() and not overwrite:
-            raise FileExistsError(f"{mask_path}: exists; refusing to overwrite it")
-        prov = dict(self.provenance, mask=mask_path.name)
-        atomic_write_text(out_dir / f"{case_id}.json", json.dumps(prov, indent=1))
-        write_image(self.label, mask_path, overwrite=overwrite)
-        return mask_path
+        """Write the label map where :func:`semiseg.io.label_path` puts it, its provenance beside it (both
+        atomically; the mask last, so that its presence marks a finished case)."""
+        path = label_path(out_dir, case_id, self.provenance.get("image"), self.label.spatial_ndim)
+        return write_label(self.label, path, overwrite=overwrite, provenance=self.provenance)
 
 
 @dataclass
@@ -159,7 +147,7 @@ class SamEngine:
         if batch_size is None:
             batch_size = 8 if backend.device.type == "cuda" else 1
         self.batch_size = max(1, int(batch_size))
-        self.cache = EmbeddingCache(cache_size)
+        self.cache = SliceEmbeddingCache(cache_size)
         self.multimask = multimask
         self.timing = SliceTiming()
         self._backend_key = f"{backend.name}:{backend.model_type}:{backend.checkpoint_sha256 or id(backend)}"
@@ -238,7 +226,7 @@ class SamEngine:
         from .. import __version__
 
         multimask = self.backend.default_multimask if self.multimask is None else self.multimask
-        return {"kind": "sam", **self.backend.describe(), "multimask": multimask,
+        return {"source": "sam", **self.backend.describe(), "multimask": multimask,
                 "mask_choice": "highest predicted IoU" if multimask else "single-mask output",
                 "image": image.path, "axis": axis, "intensity": intensity, "prompt_source": prompt_source,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "semiseg_version": __version__}

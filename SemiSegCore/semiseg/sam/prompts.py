@@ -15,6 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..io import Image
+from ..postprocess import largest_component
 
 
 @dataclass
@@ -66,14 +67,6 @@ def _box_of(binary: np.ndarray, padding: float) -> tuple[float, float, float, fl
     h, w = binary.shape
     return (max(0.0, cols.min() - padding), max(0.0, rows.min() - padding),
             min(w - 1.0, cols.max() + padding), min(h - 1.0, rows.max() + padding))
-
-
-def _largest_component(binary: np.ndarray) -> np.ndarray:
-    lab, n = ndimage.label(binary)
-    if n <= 1:
-        return binary.astype(bool)
-    sizes = ndimage.sum_labels(binary, lab, index=np.arange(1, n + 1))
-    return lab == (1 + int(np.argmax(sizes)))
 
 
 def _spread_points(score: np.ndarray, n: int, min_dist: float = 3.0) -> list[tuple[float, float]]:
@@ -147,7 +140,7 @@ def prompt_from_probability(prob: np.ndarray, threshold: float = 0.5, confident:
     prob = np.asarray(prob, dtype=np.float32)
     if prob.ndim != 2:
         raise ValueError(f"prompt_from_probability needs a 2D map, got shape {prob.shape}")
-    component = _largest_component(prob > threshold)
+    component = largest_component(prob > threshold)
     if component.sum() < max(1, min_area):
         return None
     box = _box_of(component, padding)
@@ -172,7 +165,7 @@ def prompt_from_cam(cam: np.ndarray, threshold: float = 0.5, padding: float = 0.
     lo, hi = float(cam.min()), float(cam.max())
     if hi - lo <= 1e-12:
         return None
-    component = _largest_component((cam - lo) / (hi - lo) >= threshold)
+    component = largest_component((cam - lo) / (hi - lo) >= threshold)
     if component.sum() < max(1, min_area):
         return None
     return Prompt(_box_of(component, padding), label=label, source="cam")
