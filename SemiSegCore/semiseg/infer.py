@@ -1,4 +1,4 @@
-"""Sliding-window inference, post-processing and the predictor of a trained run directory."""
+"""Sliding-window inference and the predictor that runs a network on whole images."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,9 +6,9 @@ from typing import Callable
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from .data.cases import normalise, to_channels_first
+from .evaluate import labels_from
 from .io import Image, ImageError
 
 
@@ -41,19 +41,6 @@ def sliding_window_probs(net: Callable[[torch.Tensor], torch.Tensor], image: np.
     crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(pads[2:], spatial))
     out = probs[(slice(None), slice(None)) + crop].float().cpu().numpy()
     return out if stacked else out[0]
-
-
-def largest_component(labels: np.ndarray) -> np.ndarray:
-    """Keep, for each foreground label, only its largest connected component."""
-    out = np.zeros_like(labels)
-    for k in np.unique(labels):
-        if k == 0:
-            continue
-        comp, n = ndimage.label(labels == k)
-        if n:
-            sizes = ndimage.sum_labels(np.ones_like(comp), comp, index=range(1, n + 1))
-            out[comp == (int(np.argmax(sizes)) + 1)] = k
-    return out
 
 
 class Predictor:
@@ -114,18 +101,9 @@ class Predictor:
 
         return resample_probabilities(self.predict_array(case.image), case.geometry.spatial_shape)
 
-    def labels_from(self, probs: np.ndarray) -> np.ndarray:
-        """Argmax and the configured clean-up (largest component per label)."""
-        labels = probs.argmax(0).astype(np.uint8)
-        return largest_component(labels) if self.config.infer.largest_component else labels
-
     def segment(self, image: Image) -> Image:
-        """Label map on the image's grid."""
-        return image.with_array(self.labels_from(self.predict(image)), path=None)
-
-    def segment_case(self, case) -> np.ndarray:
-        """Label map of a loaded case on its source grid, as ``semiseg predict`` would write it."""
-        return self.labels_from(self.predict_case(case))
+        """Label map on the image's grid (argmax and the configured clean-up, ``evaluate.labels_from``)."""
+        return image.with_array(labels_from(self.predict(image), self.config), path=None)
 
 
 def find_checkpoint(run_dir: str | Path, which: str = "best") -> Path:

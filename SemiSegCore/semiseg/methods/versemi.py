@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from ..config import ConfigError, build_dataclass
 from ..data.cases import LoadedCase, Manifest, discover_cases, load_case, make_manifest
 from ..data.sampling import Batch, PatchSampler
+from ..evaluate import mean_dice, score_case
 from ..models.task_head import TaskPromptedHead
 from .base import Method
 
@@ -585,21 +586,18 @@ class VerSemi(Method):
 
     def validate(self, trainer) -> dict:
         """Mean validation Dice over every task of every dataset (so best.pt is chosen on all tasks, not LA alone)."""
-        from ..metrics import dice_score
-
         self.eval()
-        per_task = {}
-        for d in self.data:
-            pred = self.predictor(d.index)
-            cases = d.val_cases
-            labels = [pred.predict_array(lc.image).argmax(0) for lc in cases]
-            for t in self.tasks_of(d.index):
-                scores = [dice_score(lab == t.value, lc.label == t.value) for lab, lc in zip(labels, cases)]
-                if scores:
-                    per_task[t.name] = float(np.mean(scores))
+        rows = [r for d in self.data for r in self._score(d, dice_only=True)]
         self.train()
-        return {"dice": float(np.mean(list(per_task.values()))) if per_task else float("nan"),
-                "dice_per_task": per_task}
+        dice, per_task = mean_dice(rows, key="label_name")
+        return {"dice": dice, "dice_per_task": per_task}
+
+    def _score(self, d: _Data, dice_only: bool = False) -> list[dict]:
+        """Rows (``evaluate.score_case``) of every task of dataset ``d`` on its validation cases; labels are the
+        task values, label names the task names."""
+        names = {t.value: t.name for t in self.tasks_of(d.index)}
+        pred = self.predictor(d.index)
+        return [r for lc in d.val_cases for r in score_case(pred, lc, sorted(names), names, dice_only=dice_only)]
 
     def _single_task_logits(self, x: torch.Tensor, task: int) -> torch.Tensor:
         hx, pooled = self.head_inputs(x)
@@ -610,22 +608,13 @@ class VerSemi(Method):
 def evaluate_tasks(method: VerSemi, out_dir: str | Path, quiet: bool = True) -> dict:
     """Score every task on its dataset's loaded validation cases (label maps on each case's own grid) with the core
     metrics. Writes ``out_dir/<dataset>/`` reports and ``out_dir/summary.json`` whose labels are the task names."""
-    from ..infer import largest_component
-    from ..report import case_rows, format_table, write_report
+    from ..report import format_table, write_report
 
     out_dir = Path(out_dir)
     method.eval()
     all_rows = []
     for d in method.data:
-        tasks = method.tasks_of(d.index)
-        names = {t.value: t.name for t in tasks}
-        pred = method.predictor(d.index)
-        rows = []
-        for lc in d.val_cases:
-            labels = pred.predict_array(lc.image).argmax(0)
-            if d.largest_component:
-                labels = largest_component(labels)
-            rows += case_rows(lc.id, labels, lc.label, lc.geometry.spacing, sorted(names), names)
+        rows = method._score(d)
         if rows:
             summary = write_report(rows, out_dir / d.name, title=f"{method.cfg.name}: {d.name}")
             if not quiet:

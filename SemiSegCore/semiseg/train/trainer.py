@@ -14,7 +14,6 @@ import signal
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -25,7 +24,7 @@ from ..data.sampling import PatchSampler
 from ..errors import TrainingError
 from ..infer import Predictor
 from ..methods import build_method
-from ..metrics import dice_score
+from ..evaluate import mean_dice, score_case
 from ..utils import atomic_torch_save, atomic_write_text, device_name, naming, pick_device, seed_everything, set_threads
 from . import distributed as dist
 from .rundir import RunLock, prepare_run_dir
@@ -179,18 +178,14 @@ class Trainer:
         return Predictor(self.method.predict_logits, self.cfg, self.device)
 
     def validate(self) -> dict:
-        """Mean foreground Dice over the validation cases (per label and overall)."""
+        """Mean foreground Dice over the validation cases (per label and overall), scored as ``semiseg predict``
+        + ``semiseg evaluate`` would score them."""
         self.method.eval()
         pred = self.predictor()
-        per_label: dict[int, list[float]] = {k: [] for k in range(1, self.cfg.data.num_classes)}
-        for case in self.val:
-            labels = pred.segment_case(case)  # on the source grid, as `semiseg predict` writes it
-            for k in per_label:
-                per_label[k].append(dice_score(labels == k, case.reference == k))
+        rows = [r for case in self.val for r in score_case(pred, case, dice_only=True)]
         self.method.train()
-        means = {k: float(np.mean(v)) for k, v in per_label.items() if v}
-        return {"dice": float(np.mean(list(means.values()))) if means else float("nan"),
-                "dice_per_label": {str(k): v for k, v in means.items()}}
+        dice, per_label = mean_dice(rows)
+        return {"dice": dice, "dice_per_label": per_label}
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def _install_signal_handlers(self):
@@ -305,11 +300,11 @@ def _train(cfg: Config, run_dir: str | Path, quiet: bool = False, evaluate_val: 
         names = cfg.data.labels or dataset_labels(cfg.data.root)
         predictor = trainer.predictor()
         if trainer.val:
-            result["summary"] = evaluate_cases(predictor, trainer.manifest.val[: cfg.train.val_max_cases],
-                                               trainer.val, trainer.run_dir, label_names=names, quiet=quiet)
+            result["summary"] = evaluate_cases(predictor, trainer.val, trainer.run_dir, label_names=names,
+                                               quiet=quiet)
         if trainer.manifest.test:
             test = load_cases(trainer.manifest.test, cfg, True, "test", trainer.quiet)
-            result["test_summary"] = evaluate_cases(predictor, trainer.manifest.test, test, trainer.run_dir / "test",
-                                                    label_names=names, quiet=quiet, split="test")
+            result["test_summary"] = evaluate_cases(predictor, test, trainer.run_dir / "test", label_names=names,
+                                                    quiet=quiet, split="test")
     dist.cleanup(trainer.ctx)
     return result
