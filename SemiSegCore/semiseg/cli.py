@@ -67,8 +67,8 @@ def write_label(label_img, path: Path, num_classes: int, overwrite: bool = False
 
 
 def cmd_predict(args) -> int:
-    from .infer import load_predictor
     from .io import read_image
+    from .runs import load_predictor
 
     out = Path(args.out)
     check_out_apart(Path(args.input), out)

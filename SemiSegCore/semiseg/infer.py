@@ -1,7 +1,6 @@
 """Sliding-window inference and the predictor that runs a network on whole images."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -10,6 +9,7 @@ import torch
 from .data.cases import normalise, to_channels_first
 from .evaluate import labels_from
 from .io import Image, ImageError
+from .registry import size_multiple
 
 
 @torch.inference_mode()
@@ -75,8 +75,6 @@ class Predictor:
     def predict_array(self, arr: np.ndarray) -> np.ndarray:
         """Probabilities (K, *spatial) for an array already on the working grid (normalised, channels first). A 3D
         volume given to a 2D network is predicted slice by slice along ``train.slice_axis``."""
-        from .models import size_multiple
-
         multiple = size_multiple(self.config.model.name)
         if arr.ndim - 1 == len(self.patch_size) + 1:
             axis = self.config.train.slice_axis % (arr.ndim - 1) + 1
@@ -104,31 +102,3 @@ class Predictor:
     def segment(self, image: Image) -> Image:
         """Label map on the image's grid (argmax and the configured clean-up, ``evaluate.labels_from``)."""
         return image.with_array(labels_from(self.predict(image), self.config), path=None)
-
-
-def find_checkpoint(run_dir: str | Path, which: str = "best") -> Path:
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    for name in ([f"{which}.pt"] + (["last.pt"] if which == "best" else [])):
-        if (ckpt_dir / name).exists():
-            return ckpt_dir / name
-    raise FileNotFoundError(f"{run_dir}: no checkpoint ({which}.pt or last.pt) under {ckpt_dir}; was it trained?")
-
-
-def load_predictor(run_dir: str | Path, which: str = "best", device: str = "auto") -> Predictor:
-    """The predictor of a run directory (``config.yaml`` + ``checkpoints/best.pt``, falling back to ``last.pt``)."""
-    from .checkpoint import load_checkpoint, restore
-    from .config import load_config
-    from .methods import build_method
-    from .utils import pick_device
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").exists():
-        raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
-    dev = pick_device(device)
-    ckpt = find_checkpoint(run_dir, which)
-    state = load_checkpoint(ckpt, dev)
-    method = build_method(cfg, dev)
-    restore(method, state["method"], ckpt, cfg.model.name)
-    method.eval()
-    return Predictor(method.predict_logits, cfg, dev, run_dir=str(run_dir), checkpoint=str(ckpt))

@@ -26,7 +26,7 @@ def load_image(path: str | Path):
 def predict_steps(run: str, image: str, out: str) -> Generator[Progress, None, dict]:
     """Class probabilities (K, *spatial, float16) of the run's model on the image saved at ``image`` (.npz),
     written to ``out`` (.npy)."""
-    from semiseg.infer import load_predictor
+    from semiseg.runs import load_predictor
 
     yield Progress(None, "loading the model")
     predictor = load_predictor(run)
@@ -39,13 +39,12 @@ def predict_steps(run: str, image: str, out: str) -> Generator[Progress, None, d
 def evaluate_steps(dataset: str, run: str, max_cases: int | None = None) -> Generator[Progress, None, list[dict]]:
     """The run's model on every labelled case of a dataset folder, scored as ``semiseg predict`` + ``semiseg
     evaluate`` score it (``semiseg.evaluate.score_case``); ``segment`` and ``reference`` name the label."""
-    from semiseg.data import dataset_labels, discover_cases, load_case
+    from semiseg.data import dataset_labels, discover_cases
     from semiseg.evaluate import score_case
-    from semiseg.infer import load_predictor
+    from semiseg.runs import load_cases, load_predictor
 
     yield Progress(0.0, "loading the model")
     predictor = load_predictor(run)
-    d = predictor.config.data
     names = dataset_labels(dataset)
     cases = [c for c in discover_cases(dataset) if c.label][:max_cases]
     if not cases:
@@ -53,7 +52,7 @@ def evaluate_steps(dataset: str, run: str, max_cases: int | None = None) -> Gene
     rows = []
     for n, case in enumerate(cases):
         yield Progress(n / len(cases), f"case {case.id} ({n + 1} of {len(cases)})")
-        loaded = load_case(case, d.intensity, d.num_classes, target_spacing=d.target_spacing)
+        (loaded,) = load_cases([case], predictor.config, with_label=True)
         rows += [{**r, "segment": r["label_name"], "reference": r["label_name"]}
                  for r in score_case(predictor, loaded, label_names=names)]
     return rows

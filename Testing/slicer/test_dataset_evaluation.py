@@ -13,11 +13,11 @@ from conftest import LA, la_cases
 def test_slicer_dataset_evaluation_gives_the_rows_of_the_report(tmp_path):
     la_cases(2)  # skips without data
     from semiseg.config import config_from_dict
-    from semiseg.data import dataset_labels, discover_cases, load_case
+    from semiseg.data import dataset_labels, discover_cases
     from semiseg.evaluate import largest_component
-    from semiseg.infer import load_predictor
     from semiseg.metrics import summarise
     from semiseg.report import evaluate_cases
+    from semiseg.runs import load_cases, load_predictor
     from semiseg.train import train
     from SemiSegLib.batch import evaluate_steps
     from SemiSegLib.tasks import run_task
@@ -33,9 +33,7 @@ def test_slicer_dataset_evaluation_gives_the_rows_of_the_report(tmp_path):
     slicer_rows = run_task(evaluate_steps(str(LA), str(run), max_cases=2))
 
     predictor = load_predictor(run, device="cpu")
-    d = predictor.config.data
-    cases = [load_case(c, d.intensity, d.num_classes, target_spacing=d.target_spacing)
-             for c in [c for c in discover_cases(LA) if c.label][:2]]
+    cases = load_cases([c for c in discover_cases(LA) if c.label][:2], predictor.config, with_label=True)
     summary = evaluate_cases(predictor, cases, tmp_path / "report", label_names=dataset_labels(LA), quiet=True)
 
     # the clean-up is in play: the barely trained model predicts scattered foreground that it removes

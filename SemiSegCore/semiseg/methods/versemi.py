@@ -629,27 +629,19 @@ def evaluate_tasks(method: VerSemi, out_dir: str | Path, quiet: bool = True) -> 
 def evaluate_run(run_dir: str | Path, out_dir: str | Path | None = None, which: str = "best", device: str = "auto",
                  quiet: bool = True) -> dict:
     """Load a VerSemi run directory and evaluate every task on its validation split (see ``evaluate_tasks``);
-    the report goes to ``run_dir/tasks`` by default."""
-    from ..config import load_config
-    from ..infer import find_checkpoint
-    from ..methods import build_method
-    from ..utils import pick_device
+    the report goes to ``run_dir/tasks`` by default. (A run-level entry point kept beside VerSemi for its callers:
+    ``runs`` builds methods, so it is imported here, not by the module.)"""
+    from ..runs import load_cases, load_method, read_config, read_manifest
 
     run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = read_config(run_dir)
     if cfg.method != "versemi":
         raise ValueError(f"{run_dir}: a '{cfg.method}' run, not versemi")
-    dev = pick_device(device)
-    method: VerSemi = build_method(cfg, dev)
-    state = torch.load(find_checkpoint(run_dir, which), map_location=dev, weights_only=False)
-    method.load_state_dict(state["method"])
+    method, _ = load_method(run_dir, which, device)
     saved = json.loads((run_dir / "versemi_manifest.json").read_text())
     for d in method.data:
         if d.index == 0:
-            manifest = Manifest.from_json((run_dir / "manifest.json").read_text())
-            d.val_cases = [load_case(c, cfg.data.intensity, cfg.data.num_classes)
-                           for c in manifest.val[: cfg.train.val_max_cases]]
+            d.val_cases = load_cases(read_manifest(run_dir).val[: cfg.train.val_max_cases], cfg, True)
         else:
-            manifest = Manifest.from_json(json.dumps(saved[d.name]))
-            d.val_cases = d.load(manifest.val[: d.val_max_cases], True)
+            d.val_cases = d.load(Manifest.from_json(json.dumps(saved[d.name])).val[: d.val_max_cases], True)
     return evaluate_tasks(method, out_dir or run_dir / "tasks", quiet=quiet)

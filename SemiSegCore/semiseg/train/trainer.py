@@ -19,12 +19,14 @@ from tqdm import tqdm
 
 from ..checkpoint import load_checkpoint, restore
 from ..config import Config, ConfigError, save_config
-from ..data.cases import LoadedCase, Manifest, dataset_labels, discover_cases, load_case, make_manifest
+from ..data.cases import Manifest, dataset_labels, discover_cases, make_manifest
 from ..data.sampling import PatchSampler
 from ..errors import TrainingError
-from ..infer import Predictor
-from ..methods import build_method
 from ..evaluate import mean_dice, score_case
+from ..infer import Predictor
+from ..methods import build_method, check_params
+from ..report import evaluate_cases
+from ..runs import find_checkpoint, load_cases, load_weights
 from ..utils import atomic_torch_save, atomic_write_text, device_name, naming, pick_device, seed_everything, set_threads
 from . import distributed as dist
 from .rundir import RunLock, prepare_run_dir
@@ -44,12 +46,6 @@ class JsonlLog:
         record.setdefault("time", time.time())
         with naming(self.path), open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-
-
-def load_cases(cases, cfg: Config, with_label: bool, desc: str, quiet: bool = False) -> list[LoadedCase]:
-    return [load_case(c, cfg.data.intensity, cfg.data.num_classes, with_label=with_label,
-                      target_spacing=cfg.data.target_spacing)
-            for c in tqdm(cases, desc=f"loading {desc}", leave=False, disable=quiet or not cases)]
 
 
 class Trainer:
@@ -144,13 +140,11 @@ class Trainer:
 
     def init_weights(self) -> None:
         """``train.init_from``: the network weights of another run or checkpoint (fresh optimizer and schedule)."""
-        from ..infer import find_checkpoint
-
         source = Path(self.cfg.train.init_from)
         path = find_checkpoint(source) if source.is_dir() else source
         if not path.exists():
             raise FileNotFoundError(f"{path}: train.init_from checkpoint not found")
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        state = load_checkpoint(path, self.device)
         n = self.method.load_initial_weights(state["method"], str(path))
         self.log.write(event="init_from", checkpoint=str(path), tensors=n)
 
@@ -276,6 +270,7 @@ def train(cfg: Config, run_dir: str | Path, quiet: bool = False, evaluate_val: b
           force_new: bool = False) -> dict:
     """Train (or resume) a run in ``run_dir``, locked against other processes for the whole run, after checking it
     (see ``rundir.prepare_run_dir``; ``force_new`` moves an existing run aside and starts over)."""
+    check_params(cfg)  # the method's own section, before the run directory or any data is touched
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 locks and prepares; the others meet it at setup
         return _train(cfg, run_dir, quiet, evaluate_val)
     with RunLock(run_dir):
@@ -292,10 +287,7 @@ def _train(cfg: Config, run_dir: str | Path, quiet: bool = False, evaluate_val: 
     trainer = Trainer(cfg, run_dir, quiet=quiet)
     result = trainer.fit()
     if not result["stopped"] and evaluate_val and trainer.is_main and (trainer.val or trainer.manifest.test):
-        from ..report import evaluate_cases
-
-        best = load_checkpoint(trainer.ckpt_dir / "best.pt", trainer.device)
-        restore(trainer.method, best["method"], trainer.ckpt_dir / "best.pt", cfg.model.name)
+        load_weights(trainer.method, trainer.ckpt_dir / "best.pt")
         trainer.method.eval()
         names = cfg.data.labels or dataset_labels(cfg.data.root)
         predictor = trainer.predictor()
