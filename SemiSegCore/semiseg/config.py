@@ -1,7 +1,9 @@
 """YAML configs -> validated dataclasses. Errors name the bad key by its dotted path.
 
 A config has the sections ``data``, ``model``, ``train``, ``infer`` and one free-form section per method
-(``knowledge_mining:``, ``llm_segnet:`` ...) that the method validates against its own dataclass.
+(``knowledge_mining:``, ``llm_segnet:`` ...) that the method validates against its own dataclass
+(``semiseg.methods.check_params``): method and model names come from ``semiseg.registry``, so this module never
+imports the methods or torch.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from .errors import SemiSegError
+from .registry import MODEL_NAMES, available_methods, size_multiple, spatial_dims_of
 
 
 class ConfigError(SemiSegError, ValueError):
@@ -213,8 +216,6 @@ CHOICES = {"data.intensity": ("none", "zscore", "minmax", "percentile", "rgb"),
 
 def check_values(cfg: Config) -> None:
     """The value ranges and names that types alone do not catch; errors name the key."""
-    from .models import size_multiple
-
     def get(key):
         section, name = key.split(".")
         return getattr(getattr(cfg, section), name)
@@ -250,8 +251,6 @@ def config_from_dict(raw: dict) -> Config:
     method = raw.get("method", "supervised")
     if not isinstance(method, str):
         raise ConfigError("config key 'method' must be a string")
-    from .methods import available_methods
-
     if method not in available_methods():
         raise ConfigError(f"config key 'method': unknown method '{method}' (available: {', '.join(available_methods())})")
     params = raw.pop(method, None) or {}
@@ -262,12 +261,7 @@ def config_from_dict(raw: dict) -> Config:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ConfigError(f"unknown config key '{k}'{hint}")
     cfg = build_dataclass(Config, raw, "")
-    cfg.method_params = params
-    from .methods import get_method_class
-
-    get_method_class(method).params_from(params)  # validates the method section now, not mid-run
-    from .models import MODEL_NAMES, spatial_dims_of
-
+    cfg.method_params = params  # validated by the method (``semiseg.methods.check_params``; ``train`` checks it first)
     if cfg.model.name not in MODEL_NAMES:
         raise ConfigError(f"config key 'model.name': unknown model '{cfg.model.name}' ({', '.join(MODEL_NAMES)})")
     dims = spatial_dims_of(cfg.model.name)

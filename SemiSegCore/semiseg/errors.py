@@ -11,7 +11,8 @@ class CheckpointError(SemiSegError):
 
 
 class RunDirError(SemiSegError):
-    """A run directory in use by another process, or started with another config."""
+    """A run directory that is not one (no config or checkpoint), is in use by another process, or was started with
+    another config."""
 
 
 class TrainingError(SemiSegError):

@@ -1,7 +1,6 @@
-"""Sliding-window inference and the predictor of a trained run directory (post-processing: semiseg.postprocess)."""
+"""Sliding-window inference and the predictor that runs a network on whole images."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -9,8 +8,9 @@ import torch
 
 from .data.cases import to_channels_first
 from .data.intensity import normalise
-from .postprocess import largest_component
+from .evaluate import labels_from
 from .io import Image, ImageError
+from .registry import size_multiple
 
 
 @torch.inference_mode()
@@ -76,8 +76,6 @@ class Predictor:
     def predict_array(self, arr: np.ndarray) -> np.ndarray:
         """Probabilities (K, *spatial) for an array already on the working grid (normalised, channels first). A 3D
         volume given to a 2D network is predicted slice by slice along ``train.slice_axis``."""
-        from .models import size_multiple
-
         multiple = size_multiple(self.config.model.name)
         if arr.ndim - 1 == len(self.patch_size) + 1:
             axis = self.config.train.slice_axis % (arr.ndim - 1) + 1
@@ -102,43 +100,6 @@ class Predictor:
 
         return resample_probabilities(self.predict_array(case.image), case.geometry.spatial_shape)
 
-    def labels_from(self, probs: np.ndarray) -> np.ndarray:
-        """Argmax and the configured clean-up (largest component per label)."""
-        labels = probs.argmax(0).astype(np.uint8)
-        return largest_component(labels) if self.config.infer.largest_component else labels
-
     def segment(self, image: Image) -> Image:
-        """Label map on the image's grid."""
-        return image.with_array(self.labels_from(self.predict(image)), path=None)
-
-    def segment_case(self, case) -> np.ndarray:
-        """Label map of a loaded case on its source grid, as ``semiseg predict`` would write it."""
-        return self.labels_from(self.predict_case(case))
-
-
-def find_checkpoint(run_dir: str | Path, which: str = "best") -> Path:
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    for name in ([f"{which}.pt"] + (["last.pt"] if which == "best" else [])):
-        if (ckpt_dir / name).exists():
-            return ckpt_dir / name
-    raise FileNotFoundError(f"{run_dir}: no checkpoint ({which}.pt or last.pt) under {ckpt_dir}; was it trained?")
-
-
-def load_predictor(run_dir: str | Path, which: str = "best", device: str = "auto") -> Predictor:
-    """The predictor of a run directory (``config.yaml`` + ``checkpoints/best.pt``, falling back to ``last.pt``)."""
-    from .checkpoint import load_checkpoint, restore
-    from .config import load_config
-    from .methods import build_method
-    from .utils import pick_device
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").exists():
-        raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
-    dev = pick_device(device)
-    ckpt = find_checkpoint(run_dir, which)
-    state = load_checkpoint(ckpt, dev)
-    method = build_method(cfg, dev)
-    restore(method, state["method"], ckpt, cfg.model.name)
-    method.eval()
-    return Predictor(method.predict_logits, cfg, dev, run_dir=str(run_dir), checkpoint=str(ckpt))
+        """Label map on the image's grid (argmax and the configured clean-up, ``evaluate.labels_from``)."""
+        return image.with_array(labels_from(self.predict(image), self.config), path=None)

@@ -11,17 +11,12 @@ import numpy as np
 from tqdm import tqdm
 
 from .data.cases import index_by_id
+from .evaluate import case_rows, score_case
 from .io import ImageError, read_label
-from .metrics import METRIC_NAMES, label_metrics, summarise
+from .metrics import METRIC_NAMES, summarise
 from .utils import atomic_write_text, make_temp
 
 CSV_FIELDS = ["case", "label", "label_name"] + list(METRIC_NAMES)
-
-
-def case_rows(case_id: str, pred: np.ndarray, ref: np.ndarray, spacing, labels, label_names=None) -> list[dict]:
-    names = label_names or {}
-    return [{"case": case_id, "label": k, "label_name": names.get(k, names.get(str(k), f"label_{k}")), **m}
-            for k, m in label_metrics(pred, ref, spacing, labels).items()]
 
 
 def format_table(summary: dict, title: str = "") -> str:
@@ -91,18 +86,13 @@ def plot_metrics(rows: list[dict], path: Path, title: str = "") -> None:
         tmp.unlink(missing_ok=True)
 
 
-def evaluate_cases(predictor, cases, loaded, out_dir, label_names=None, quiet=False, split: str = "validation") -> dict:
-    """Predict the given (already loaded) cases on their source grids, score them against their labels and write
-    the report."""
-    labels = list(range(1, predictor.config.data.num_classes))
-    rows = []
-    for case, lc in tqdm(list(zip(cases, loaded)), desc=f"evaluating ({split})", disable=quiet, leave=False):
-        pred = predictor.segment_case(lc)
-        rows.append(case_rows(case.id, pred, lc.reference, lc.geometry.spacing, labels, label_names))
-    flat = [r for rs in rows for r in rs]
-    summary = write_report(flat, out_dir, title=f"{predictor.config.name}: {split}", extra={"split": split})
+def evaluate_cases(predictor, loaded, out_dir, label_names=None, quiet=False, split: str = "validation") -> dict:
+    """Score the given loaded cases (``evaluate.score_case``) and write the report to ``out_dir``."""
+    rows = [r for lc in tqdm(loaded, desc=f"evaluating ({split})", disable=quiet, leave=False)
+            for r in score_case(predictor, lc, label_names=label_names)]
+    summary = write_report(rows, out_dir, title=f"{predictor.config.name}: {split}", extra={"split": split})
     if not quiet:
-        print(format_table(summary, f"{predictor.config.name}: {len(cases)} {split} cases"))
+        print(format_table(summary, f"{predictor.config.name}: {len(loaded)} {split} cases"))
     return summary
 
 

@@ -26,7 +26,7 @@ def load_image(path: str | Path):
 def predict_steps(run: str, image: str, out: str) -> Generator[Progress, None, dict]:
     """Class probabilities (K, *spatial, float16) of the run's model on the image saved at ``image`` (.npz),
     written to ``out`` (.npy)."""
-    from semiseg.infer import load_predictor
+    from semiseg.runs import load_predictor
 
     yield Progress(None, "loading the model")
     predictor = load_predictor(run)
@@ -36,25 +36,12 @@ def predict_steps(run: str, image: str, out: str) -> Generator[Progress, None, d
     return {"classes": int(probs.shape[0]), "run": str(predictor.run_dir), "checkpoint": str(predictor.checkpoint)}
 
 
-def evaluate_labels(case_id: str, prediction: np.ndarray, reference: np.ndarray, spacing,
-                    names: dict[int, str] | None = None) -> list[dict]:
-    """Metrics per foreground label of two label maps on one grid."""
-    from semiseg.metrics import binary_metrics
-
-    labels = sorted(int(v) for v in np.union1d(np.unique(prediction), np.unique(reference)) if v != 0)
-    rows = []
-    for k in labels:
-        name = (names or {}).get(k, f"label {k}")
-        rows.append({"case": case_id, "segment": name, "reference": name,
-                     **binary_metrics(prediction == k, reference == k, spacing)})
-    return rows
-
-
 def evaluate_steps(dataset: str, run: str, max_cases: int | None = None) -> Generator[Progress, None, list[dict]]:
-    """The run's model on every labelled case of a dataset folder, scored against each case's label."""
+    """The run's model on every labelled case of a dataset folder, scored as ``semiseg predict`` + ``semiseg
+    evaluate`` score it (``semiseg.evaluate.score_case``); ``segment`` and ``reference`` name the label."""
     from semiseg.data import dataset_labels, discover_cases
-    from semiseg.infer import load_predictor
-    from semiseg.io import read_image, read_label
+    from semiseg.evaluate import score_case
+    from semiseg.runs import load_cases, load_predictor
 
     yield Progress(0.0, "loading the model")
     predictor = load_predictor(run)
@@ -65,9 +52,9 @@ def evaluate_steps(dataset: str, run: str, max_cases: int | None = None) -> Gene
     rows = []
     for n, case in enumerate(cases):
         yield Progress(n / len(cases), f"case {case.id} ({n + 1} of {len(cases)})")
-        image = read_image(case.image)
-        prediction = predictor.segment(image).array
-        rows += evaluate_labels(case.id, prediction, read_label(case.label).array, image.spacing, names)
+        (loaded,) = load_cases([case], predictor.config, with_label=True)
+        rows += [{**r, "segment": r["label_name"], "reference": r["label_name"]}
+                 for r in score_case(predictor, loaded, label_names=names)]
     return rows
 
 

@@ -12,6 +12,7 @@ import torch
 
 from semiseg.config import ConfigError, load_config
 from semiseg.data.sampling import Batch
+from semiseg.methods import check_params
 from semiseg.methods.knowledge_mining import IGNORE, KnowledgeMining, foreground_dice, gate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,11 +47,11 @@ def test_gate_hand_computed():
 
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="knowledge_mining.schedule"):
-        tiny_cfg("knowledge_mining.schedule=sometimes")
+        check_params(tiny_cfg("knowledge_mining.schedule=sometimes"))
     with pytest.raises(ConfigError, match="knowledge_mining.min_iou"):
-        tiny_cfg("knowledge_mining.min_iou=1.5")
+        check_params(tiny_cfg("knowledge_mining.min_iou=1.5"))
     with pytest.raises(ConfigError, match="knowledge_mining.warmpu.*warmup"):
-        tiny_cfg("knowledge_mining.warmpu=3")
+        check_params(tiny_cfg("knowledge_mining.warmpu=3"))
     cfg = load_config(REPO / "Resources" / "configs" / "la2018_supervised.yaml", ["method=knowledge_mining"])
     with pytest.raises(ConfigError, match="model.name"):
         KnowledgeMining(cfg, torch.device("cpu"))

@@ -10,10 +10,10 @@ import torch
 from semiseg.config import ConfigError, config_from_dict
 from semiseg.data.cases import discover_cases, load_case
 from semiseg.data.sampling import PatchSampler
-from semiseg.infer import load_predictor
-from semiseg.methods import build_method
+from semiseg.methods import build_method, check_params
 from semiseg.methods.llm_segnet import (TextFiLM, TextFusion, cross_pseudo_loss, cutmix_box, mix,
                                         unified_segmentation_loss)
+from semiseg.runs import load_predictor
 from semiseg.train import train
 
 # Two voxels, two classes. Own logits give p = (0.25, 0.75) and (0.5, 0.5); the peer says q = (0.1, 0.9)
@@ -71,9 +71,9 @@ def cache(tmp_path_factory):
 
 def test_config_errors_name_the_key(la_dir, cache):
     with pytest.raises(ConfigError, match="llm_segnet.unlabelled_loss"):
-        config_from_dict(raw_config(la_dir, cache, unlabelled_loss="kl"))
+        check_params(config_from_dict(raw_config(la_dir, cache, unlabelled_loss="kl")))
     with pytest.raises(ConfigError, match="unknown config key 'llm_segnet.tau'.*confidence"):
-        config_from_dict(raw_config(la_dir, cache, tau=0.5))
+        check_params(config_from_dict(raw_config(la_dir, cache, tau=0.5)))
     cfg = config_from_dict(raw_config(la_dir, cache, knowledge="no_such_text"))
     with pytest.raises(ConfigError, match="llm_segnet.knowledge.*left_atrium"):
         build_method(cfg, torch.device("cpu"))
@@ -212,4 +212,4 @@ def test_warm_up_warm_start_and_crop_policy(la_dir, cache, tmp_path):
         float(out["sup_a"] + out["sup_b"]), rel=1e-6)
     assert float(method.training_step(lab, unl, step=80)["unsup_weight"]) == 1.0
     with pytest.raises(ConfigError, match="llm_segnet.labelled_crop"):
-        config_from_dict(raw_config(la_dir, cache, labelled_crop="foreground"))
+        check_params(config_from_dict(raw_config(la_dir, cache, labelled_crop="foreground")))

@@ -77,7 +77,7 @@ def test_pseudolabel_masks_resume_and_corrupt_image(tmp_path, capsys):
 
 def test_pseudolabel_from_run(tmp_path, capsys):
     """Prompts from a (tiny, untrained) run's probabilities, decoded by a tiny transformers SAM."""
-    infer = pytest.importorskip("semiseg.infer", reason="semiseg.infer (the run predictor) is not there yet")
+    runs = pytest.importorskip("semiseg.runs", reason="semiseg.runs (the run predictor) is not there yet")
     import torch
 
     from semiseg.config import config_from_dict, save_config
@@ -105,7 +105,7 @@ def test_pseudolabel_from_run(tmp_path, capsys):
     assert prov["slices"] and prov["slices"][0]["prompts"][0]["source"] == "probability"
     # the prompts are exactly those the run's probabilities give
     image = read_image(images / f"{IDS[0]}.jpg")
-    prob = infer.load_predictor(run, device="cpu").predict(image)
+    prob = runs.load_predictor(run, device="cpu").predict(image)
     engine = SamEngine(build_backend("hf", hf, device="cpu"))
     mask, score, expected = pseudolabel_from_probability(engine, image, prob, threshold=0.5)
     assert [s["prompts"] for s in prov["slices"]] == [s["prompts"] for s in expected["slices"]]

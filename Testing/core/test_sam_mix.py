@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from semiseg.config import ConfigError, load_config
+from semiseg.methods import check_params
 from semiseg.methods.sam_mix import (NEGATIVE_LOGIT, SliceClassifier, binary_focal_loss, box_from_cam,
                                      dice_bce_loss)
 from semiseg.models.lora import LoRALinear, add_lora, load_lora, lora_state_dict, save_lora
@@ -93,18 +94,18 @@ def test_lora_identity_at_start_and_save_load(tmp_path):
 
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="sam_mix.variant"):
-        tiny_cfg("sam_mix.variant=resnet")
+        check_params(tiny_cfg("sam_mix.variant=resnet"))
     with pytest.raises(ConfigError, match="sam_mix.cam_threshold"):
-        tiny_cfg("sam_mix.cam_threshold=1.5")
+        check_params(tiny_cfg("sam_mix.cam_threshold=1.5"))
     with pytest.raises(ConfigError, match="sam_mix.lora_rnk.*lora_rank"):
-        tiny_cfg("sam_mix.lora_rnk=4")
+        check_params(tiny_cfg("sam_mix.lora_rnk=4"))
 
 
 def test_frozen_encoder_run_learns_and_reloads(tmp_path):
     """Frozen encoder (cached embeddings): a few real steps on one labelled slice lower its loss (reference box,
     measured before and after); the checkpoint holds the decoder and classifier but no encoder weights and reloads
     to the same prediction."""
-    from semiseg.infer import load_predictor
+    from semiseg.runs import load_predictor
     from semiseg.train.trainer import Trainer
 
     cfg = tiny_cfg("sam_mix.lora_rank=0", "sam_mix.labelled_slices=1", "sam_mix.train_prompt=gt",
@@ -183,8 +184,8 @@ def test_frozen_encoder_stays_in_eval_mode_and_predict_matches_in_run_validation
     mode, a training step must leave its running statistics alone, and a reloaded run (``semiseg predict``) must
     predict what in-run validation predicts, on a real LA 2018 axial slice. Frozen encoder with cached embeddings
     (the benchmark setting); the cache is cleared before reloading so that it cannot hide a difference."""
-    from semiseg.infer import load_predictor
     from semiseg.methods import sam_mix
+    from semiseg.runs import load_predictor
     from semiseg.train.trainer import Trainer
 
     cfg = load_config(LA_CONFIG, [f"data.root={LA}", "data.max_cases=3", "data.labelled=1", "data.val=1",

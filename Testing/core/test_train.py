@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from semiseg.config import config_from_dict
-from semiseg.infer import load_predictor
 from semiseg.io import read_image
+from semiseg.runs import load_predictor
 from semiseg.train import Trainer, train
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import yaml
 
 from semiseg.config import ConfigError, config_from_dict
+from semiseg.methods import check_params
 from semiseg.methods.versemi import VerSemi, cube_masks, dice_loss, evaluate_run
 from semiseg.models.task_head import TaskPromptedHead
 
@@ -88,7 +89,7 @@ def test_config_errors_name_the_key(edit, key):
     raw = _raw()
     edit(raw)
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
-        config_from_dict(raw)
+        check_params(config_from_dict(raw))
 
 
 def test_needs_a_vnet():

@@ -32,7 +32,7 @@ def check_out_apart(inp: Path, out: Path) -> None:
 
 def run(args) -> int:
     from ..data.cases import discover_cases
-    from ..infer import load_predictor
+    from ..runs import load_predictor
     from ..io import label_path, read_image, write_label
 
     out = Path(args.out)

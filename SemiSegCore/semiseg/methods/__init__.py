@@ -1,31 +1,29 @@
-"""Semi-supervised methods, one module each, registered by name (``method:`` in a config)."""
+"""Semi-supervised methods, one module each, registered by name (``method:`` in a config) in ``semiseg.registry``."""
 from __future__ import annotations
 
 import importlib
 
-_REGISTRY = {
-    "supervised": "semiseg.methods.supervised:Supervised",
-    "knowledge_mining": "semiseg.methods.knowledge_mining:KnowledgeMining",
-    "sam_mix": "semiseg.methods.sam_mix:SamMix",
-    "llm_segnet": "semiseg.methods.llm_segnet:LLMSegNet",
-    "versemi": "semiseg.methods.versemi:VerSemi",
-}
+from ..registry import METHODS, available_methods
 
-
-def available_methods() -> list[str]:
-    return sorted(_REGISTRY)
+__all__ = ["available_methods", "build_method", "check_params", "get_method_class"]
 
 
 def get_method_class(name: str):
-    if name not in _REGISTRY:
+    if name not in METHODS:
         raise ValueError(f"unknown method '{name}' (available: {', '.join(available_methods())})")
-    module, cls = _REGISTRY[name].split(":")
+    module, cls = METHODS[name].split(":")
     try:
         return getattr(importlib.import_module(module), cls)
     except ModuleNotFoundError as exc:
         if exc.name == module:
             raise ValueError(f"method '{name}' is not available in this installation ({module} is missing)") from exc
         raise
+
+
+def check_params(cfg) -> None:
+    """Validate the method's own config section (``config[method]``) without building the method, so that a bad
+    value is reported before any data is loaded; errors name the key."""
+    get_method_class(cfg.method).params_from(cfg.method_params)
 
 
 def build_method(cfg, device):

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from ..config import ConfigError, build_dataclass
 from ..data.cases import LoadedCase, Manifest, discover_cases, load_case, make_manifest
 from ..data.sampling import Augmentation, Batch, PatchSampler
+from ..evaluate import mean_dice, score_case
 from ..models.task_head import TaskPromptedHead
 from .base import Method
 
@@ -585,21 +586,18 @@ class VerSemi(Method):
 
     def validate(self, trainer) -> dict:
         """Mean validation Dice over every task of every dataset (so best.pt is chosen on all tasks, not LA alone)."""
-        from ..metrics import dice_score
-
         self.eval()
-        per_task = {}
-        for d in self.data:
-            pred = self.predictor(d.index)
-            cases = d.val_cases
-            labels = [pred.predict_array(lc.image).argmax(0) for lc in cases]
-            for t in self.tasks_of(d.index):
-                scores = [dice_score(lab == t.value, lc.label == t.value) for lab, lc in zip(labels, cases)]
-                if scores:
-                    per_task[t.name] = float(np.mean(scores))
+        rows = [r for d in self.data for r in self._score(d, dice_only=True)]
         self.train()
-        return {"dice": float(np.mean(list(per_task.values()))) if per_task else float("nan"),
-                "dice_per_task": per_task}
+        dice, per_task = mean_dice(rows, key="label_name")
+        return {"dice": dice, "dice_per_task": per_task}
+
+    def _score(self, d: _Data, dice_only: bool = False) -> list[dict]:
+        """Rows (``evaluate.score_case``) of every task of dataset ``d`` on its validation cases; labels are the
+        task values, label names the task names."""
+        names = {t.value: t.name for t in self.tasks_of(d.index)}
+        pred = self.predictor(d.index)
+        return [r for lc in d.val_cases for r in score_case(pred, lc, sorted(names), names, dice_only=dice_only)]
 
     def _single_task_logits(self, x: torch.Tensor, task: int) -> torch.Tensor:
         hx, pooled = self.head_inputs(x)
@@ -610,22 +608,13 @@ class VerSemi(Method):
 def evaluate_tasks(method: VerSemi, out_dir: str | Path, quiet: bool = True) -> dict:
     """Score every task on its dataset's loaded validation cases (label maps on each case's own grid) with the core
     metrics. Writes ``out_dir/<dataset>/`` reports and ``out_dir/summary.json`` whose labels are the task names."""
-    from ..postprocess import largest_component
-    from ..report import case_rows, format_table, write_report
+    from ..report import format_table, write_report
 
     out_dir = Path(out_dir)
     method.eval()
     all_rows = []
     for d in method.data:
-        tasks = method.tasks_of(d.index)
-        names = {t.value: t.name for t in tasks}
-        pred = method.predictor(d.index)
-        rows = []
-        for lc in d.val_cases:
-            labels = pred.predict_array(lc.image).argmax(0)
-            if d.largest_component:
-                labels = largest_component(labels)
-            rows += case_rows(lc.id, labels, lc.label, lc.geometry.spacing, sorted(names), names)
+        rows = method._score(d)
         if rows:
             summary = write_report(rows, out_dir / d.name, title=f"{method.cfg.name}: {d.name}")
             if not quiet:
@@ -640,27 +629,19 @@ def evaluate_tasks(method: VerSemi, out_dir: str | Path, quiet: bool = True) -> 
 def evaluate_run(run_dir: str | Path, out_dir: str | Path | None = None, which: str = "best", device: str = "auto",
                  quiet: bool = True) -> dict:
     """Load a VerSemi run directory and evaluate every task on its validation split (see ``evaluate_tasks``);
-    the report goes to ``run_dir/tasks`` by default."""
-    from ..config import load_config
-    from ..infer import find_checkpoint
-    from ..methods import build_method
-    from ..utils import pick_device
+    the report goes to ``run_dir/tasks`` by default. (A run-level entry point kept beside VerSemi for its callers:
+    ``runs`` builds methods, so it is imported here, not by the module.)"""
+    from ..runs import load_cases, load_method, read_config, read_manifest
 
     run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = read_config(run_dir)
     if cfg.method != "versemi":
         raise ValueError(f"{run_dir}: a '{cfg.method}' run, not versemi")
-    dev = pick_device(device)
-    method: VerSemi = build_method(cfg, dev)
-    state = torch.load(find_checkpoint(run_dir, which), map_location=dev, weights_only=False)
-    method.load_state_dict(state["method"])
+    method, _ = load_method(run_dir, which, device)
     saved = json.loads((run_dir / "versemi_manifest.json").read_text())
     for d in method.data:
         if d.index == 0:
-            manifest = Manifest.from_json((run_dir / "manifest.json").read_text())
-            d.val_cases = [load_case(c, cfg.data.intensity, cfg.data.num_classes)
-                           for c in manifest.val[: cfg.train.val_max_cases]]
+            d.val_cases = load_cases(read_manifest(run_dir).val[: cfg.train.val_max_cases], cfg, True)
         else:
-            manifest = Manifest.from_json(json.dumps(saved[d.name]))
-            d.val_cases = d.load(manifest.val[: d.val_max_cases], True)
+            d.val_cases = d.load(Manifest.from_json(json.dumps(saved[d.name])).val[: d.val_max_cases], True)
     return evaluate_tasks(method, out_dir or run_dir / "tasks", quiet=quiet)

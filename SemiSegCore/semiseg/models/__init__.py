@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from ..registry import MODEL_NAMES, STRIDED_LEVELS, size_multiple, spatial_dims_of
 from .vnet import VNet
+
+__all__ = ["MODEL_NAMES", "build_model", "size_multiple", "spatial_dims_of"]
 
 
 def _widths(base: int) -> tuple[int, ...]:
@@ -38,11 +41,6 @@ def build_model(name: str, in_channels: int, num_classes: int, features: int = 1
     raise ValueError(f"unknown model '{name}' ({', '.join(MODEL_NAMES)})")
 
 
-STRIDED_LEVELS = {"strided_unet3d": 3, "strided_unet2d": 4}
-"""Stride-2 levels of the strided U-Nets (3D: 16..128 channels with 16 features)."""
-MODEL_NAMES = ("vnet", "unet3d", "unet2d", "unetpp2d", *STRIDED_LEVELS)
-
-
 class _UNetPlusPlus(nn.Module):
     """MONAI's U-Net++ returns a list of outputs (for deep supervision); we use the final one."""
 
@@ -52,12 +50,3 @@ class _UNetPlusPlus(nn.Module):
 
     def forward(self, x):
         return self.net(x)[0]
-
-
-def spatial_dims_of(name: str) -> int:
-    return 2 if name.endswith("2d") else 3
-
-
-def size_multiple(name: str) -> int:
-    """Patch sides must be multiples of this (2 to the number of stride-2 stages)."""
-    return 2 ** STRIDED_LEVELS.get(name, 4)

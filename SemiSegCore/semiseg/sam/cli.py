@@ -76,7 +76,7 @@ def run_pseudolabel(args) -> int:
     masks = index_by_id(args.prompt_from_masks) if args.prompt_from_masks else None
     predictor = None
     if args.prompt_from_run:
-        from ..infer import load_predictor
+        from ..runs import load_predictor
 
         predictor = load_predictor(args.prompt_from_run, device=device)
     engine = None

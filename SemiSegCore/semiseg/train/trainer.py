@@ -14,18 +14,19 @@ import signal
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from ..checkpoint import load_checkpoint, restore
 from ..config import Config, ConfigError, save_config
-from ..data.cases import LoadedCase, Manifest, dataset_labels, discover_cases, load_case, make_manifest
+from ..data.cases import Manifest, dataset_labels, discover_cases, make_manifest
 from ..data.sampling import Augmentation, PatchSampler
 from ..errors import TrainingError
+from ..evaluate import mean_dice, score_case
 from ..infer import Predictor
-from ..methods import build_method
-from ..metrics import dice_score
+from ..methods import build_method, check_params
+from ..report import evaluate_cases
+from ..runs import find_checkpoint, load_cases, load_weights
 from ..utils import atomic_torch_save, atomic_write_text, device_name, naming, pick_device, seed_everything, set_threads
 from . import distributed as dist
 from .rundir import RunLock, prepare_run_dir
@@ -45,12 +46,6 @@ class JsonlLog:
         record.setdefault("time", time.time())
         with naming(self.path), open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-
-
-def load_cases(cases, cfg: Config, with_label: bool, desc: str, quiet: bool = False) -> list[LoadedCase]:
-    return [load_case(c, cfg.data.intensity, cfg.data.num_classes, with_label=with_label,
-                      target_spacing=cfg.data.target_spacing)
-            for c in tqdm(cases, desc=f"loading {desc}", leave=False, disable=quiet or not cases)]
 
 
 class Trainer:
@@ -146,13 +141,11 @@ class Trainer:
 
     def init_weights(self) -> None:
         """``train.init_from``: the network weights of another run or checkpoint (fresh optimizer and schedule)."""
-        from ..infer import find_checkpoint
-
         source = Path(self.cfg.train.init_from)
         path = find_checkpoint(source) if source.is_dir() else source
         if not path.exists():
             raise FileNotFoundError(f"{path}: train.init_from checkpoint not found")
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        state = load_checkpoint(path, self.device)
         n = self.method.load_initial_weights(state["method"], str(path))
         self.log.write(event="init_from", checkpoint=str(path), tensors=n)
 
@@ -180,18 +173,14 @@ class Trainer:
         return Predictor(self.method.predict_logits, self.cfg, self.device)
 
     def validate(self) -> dict:
-        """Mean foreground Dice over the validation cases (per label and overall)."""
+        """Mean foreground Dice over the validation cases (per label and overall), scored as ``semiseg predict``
+        + ``semiseg evaluate`` would score them."""
         self.method.eval()
         pred = self.predictor()
-        per_label: dict[int, list[float]] = {k: [] for k in range(1, self.cfg.data.num_classes)}
-        for case in self.val:
-            labels = pred.segment_case(case)  # on the source grid, as `semiseg predict` writes it
-            for k in per_label:
-                per_label[k].append(dice_score(labels == k, case.reference == k))
+        rows = [r for case in self.val for r in score_case(pred, case, dice_only=True)]
         self.method.train()
-        means = {k: float(np.mean(v)) for k, v in per_label.items() if v}
-        return {"dice": float(np.mean(list(means.values()))) if means else float("nan"),
-                "dice_per_label": {str(k): v for k, v in means.items()}}
+        dice, per_label = mean_dice(rows)
+        return {"dice": dice, "dice_per_label": per_label}
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def _install_signal_handlers(self):
@@ -282,6 +271,7 @@ def train(cfg: Config, run_dir: str | Path, quiet: bool = False, evaluate_val: b
           force_new: bool = False) -> dict:
     """Train (or resume) a run in ``run_dir``, locked against other processes for the whole run, after checking it
     (see ``rundir.prepare_run_dir``; ``force_new`` moves an existing run aside and starts over)."""
+    check_params(cfg)  # the method's own section, before the run directory or any data is touched
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 locks and prepares; the others meet it at setup
         return _train(cfg, run_dir, quiet, evaluate_val)
     with RunLock(run_dir):
@@ -298,19 +288,16 @@ def _train(cfg: Config, run_dir: str | Path, quiet: bool = False, evaluate_val: 
     trainer = Trainer(cfg, run_dir, quiet=quiet)
     result = trainer.fit()
     if not result["stopped"] and evaluate_val and trainer.is_main and (trainer.val or trainer.manifest.test):
-        from ..report import evaluate_cases
-
-        best = load_checkpoint(trainer.ckpt_dir / "best.pt", trainer.device)
-        restore(trainer.method, best["method"], trainer.ckpt_dir / "best.pt", cfg.model.name)
+        load_weights(trainer.method, trainer.ckpt_dir / "best.pt")
         trainer.method.eval()
         names = cfg.data.labels or dataset_labels(cfg.data.root)
         predictor = trainer.predictor()
         if trainer.val:
-            result["summary"] = evaluate_cases(predictor, trainer.manifest.val[: cfg.train.val_max_cases],
-                                               trainer.val, trainer.run_dir, label_names=names, quiet=quiet)
+            result["summary"] = evaluate_cases(predictor, trainer.val, trainer.run_dir, label_names=names,
+                                               quiet=quiet)
         if trainer.manifest.test:
             test = load_cases(trainer.manifest.test, cfg, True, "test", trainer.quiet)
-            result["test_summary"] = evaluate_cases(predictor, trainer.manifest.test, test, trainer.run_dir / "test",
-                                                    label_names=names, quiet=quiet, split="test")
+            result["test_summary"] = evaluate_cases(predictor, test, trainer.run_dir / "test", label_names=names,
+                                                    quiet=quiet, split="test")
     dist.cleanup(trainer.ctx)
     return result

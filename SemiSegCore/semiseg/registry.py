@@ -1,0 +1,30 @@
+"""The names a config may use, without importing torch: the methods (and where each is implemented) and the networks
+with the facts a config check needs (spatial dimensions, patch-size multiple). ``config`` validates against them;
+``methods`` and ``models`` build from them."""
+from __future__ import annotations
+
+METHODS = {
+    "supervised": "semiseg.methods.supervised:Supervised",
+    "knowledge_mining": "semiseg.methods.knowledge_mining:KnowledgeMining",
+    "sam_mix": "semiseg.methods.sam_mix:SamMix",
+    "llm_segnet": "semiseg.methods.llm_segnet:LLMSegNet",
+    "versemi": "semiseg.methods.versemi:VerSemi",
+}
+"""Method name (``method:`` in a config) -> ``module:class``."""
+
+STRIDED_LEVELS = {"strided_unet3d": 3, "strided_unet2d": 4}
+"""Stride-2 levels of the strided U-Nets (3D: 16..128 channels with 16 features)."""
+MODEL_NAMES = ("vnet", "unet3d", "unet2d", "unetpp2d", *STRIDED_LEVELS)
+
+
+def available_methods() -> list[str]:
+    return sorted(METHODS)
+
+
+def spatial_dims_of(model: str) -> int:
+    return 2 if model.endswith("2d") else 3
+
+
+def size_multiple(model: str) -> int:
+    """Patch sides must be multiples of this (2 to the number of stride-2 stages)."""
+    return 2 ** STRIDED_LEVELS.get(model, 4)
