@@ -69,6 +69,8 @@ class DatasetSpec:
     background."""
     labelled: Optional[float] = None
     val: Optional[float] = None
+    test: Optional[float] = None
+    """Held out for the final report only (``evaluate_run(split="test")``); counts as in data.test."""
     unlabelled: Optional[float] = None
     seed: Optional[int] = None
     max_cases: Optional[int] = None
@@ -179,6 +181,7 @@ class _Data:
         self.num_classes = spec.num_classes or max(spec.tasks.values()) + 1
         self.labelled = pick(spec.labelled, d.labelled)
         self.val_fraction = pick(spec.val, d.val)
+        self.test_fraction = pick(spec.test, d.test)
         self.unlabelled_fraction = pick(spec.unlabelled, d.unlabelled)
         self.seed = pick(spec.seed, d.seed)
         self.max_cases = pick(spec.max_cases, d.max_cases)
@@ -200,8 +203,8 @@ class _Data:
 
     def split(self) -> Manifest:
         cases = discover_cases(self.root, self.layout)
-        return make_manifest(cases, self.labelled, self.val_fraction, 0.0, self.unlabelled_fraction, self.seed,
-                             self.max_cases, group_pattern=self.group_pattern)
+        return make_manifest(cases, self.labelled, self.val_fraction, self.test_fraction, self.unlabelled_fraction,
+                             self.seed, self.max_cases, group_pattern=self.group_pattern)
 
     def load(self, cases, with_label: bool) -> list[LoadedCase]:
         return [load_case(c, self.intensity, self.num_classes, with_label=with_label) for c in cases]
@@ -607,9 +610,11 @@ class VerSemi(Method):
 
 
 # -- per-task evaluation -------------------------------------------------------------------------------------------
-def evaluate_tasks(method: VerSemi, out_dir: str | Path, quiet: bool = True) -> dict:
-    """Score every task on its dataset's loaded validation cases (label maps on each case's own grid) with the core
-    metrics. Writes ``out_dir/<dataset>/`` reports and ``out_dir/summary.json`` whose labels are the task names."""
+def evaluate_tasks(method: VerSemi, out_dir: str | Path, quiet: bool = True,
+                   cases: dict[int, list[LoadedCase]] | None = None, split: str = "validation") -> dict:
+    """Score every task on its dataset's loaded cases (``cases``: dataset index -> cases; default each dataset's
+    validation cases), label maps on each case's own grid, with the core metrics. Writes ``out_dir/<dataset>/``
+    reports and ``out_dir/summary.json`` whose labels are the task names and whose cases are ``<dataset>/<id>``."""
     from ..infer import largest_component
     from ..report import case_rows, format_table, write_report
 
@@ -621,7 +626,8 @@ def evaluate_tasks(method: VerSemi, out_dir: str | Path, quiet: bool = True) -> 
         names = {t.value: t.name for t in tasks}
         pred = method.predictor(d.index)
         rows = []
-        for lc in d.val_cases:
+        loaded = d.val_cases if cases is None else cases[d.index]
+        for lc in loaded:
             labels = pred.predict_array(lc.image).argmax(0)
             if d.largest_component:
                 labels = largest_component(labels)
@@ -629,7 +635,7 @@ def evaluate_tasks(method: VerSemi, out_dir: str | Path, quiet: bool = True) -> 
         if rows:
             summary = write_report(rows, out_dir / d.name, title=f"{method.cfg.name}: {d.name}")
             if not quiet:
-                print(format_table(summary, f"{d.name}: {len(d.val_cases)} validation cases"))
+                print(format_table(summary, f"{d.name}: {len(loaded)} {split} cases"))
         all_rows += [{**r, "case": f"{d.name}/{r['case']}", "label": r["label_name"]} for r in rows]
     summary = write_report(all_rows, out_dir, title=f"{method.cfg.name}: all tasks")
     if not quiet:
@@ -638,9 +644,9 @@ def evaluate_tasks(method: VerSemi, out_dir: str | Path, quiet: bool = True) -> 
 
 
 def evaluate_run(run_dir: str | Path, out_dir: str | Path | None = None, which: str = "best", device: str = "auto",
-                 quiet: bool = True) -> dict:
-    """Load a VerSemi run directory and evaluate every task on its validation split (see ``evaluate_tasks``);
-    the report goes to ``run_dir/tasks`` by default."""
+                 quiet: bool = True, split: str = "val") -> dict:
+    """Load a VerSemi run directory and evaluate every task on its ``val`` or ``test`` split (see
+    ``evaluate_tasks``); the report goes to ``run_dir/tasks`` (``run_dir/tasks_test``) by default."""
     from ..config import load_config
     from ..infer import find_checkpoint
     from ..methods import build_method
@@ -654,13 +660,18 @@ def evaluate_run(run_dir: str | Path, out_dir: str | Path | None = None, which: 
     method: VerSemi = build_method(cfg, dev)
     state = torch.load(find_checkpoint(run_dir, which), map_location=dev, weights_only=False)
     method.load_state_dict(state["method"])
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test', got '{split}'")
     saved = json.loads((run_dir / "versemi_manifest.json").read_text())
+    cases = {}
     for d in method.data:
-        if d.index == 0:
+        if d.index == 0:  # the trainer's data section: loaded on the working grid the network was trained on
             manifest = Manifest.from_json((run_dir / "manifest.json").read_text())
-            d.val_cases = [load_case(c, cfg.data.intensity, cfg.data.num_classes)
-                           for c in manifest.val[: cfg.train.val_max_cases]]
+            chosen = manifest.val[: cfg.train.val_max_cases] if split == "val" else manifest.test
+            cases[0] = [load_case(c, cfg.data.intensity, cfg.data.num_classes,
+                                  target_spacing=cfg.data.target_spacing) for c in chosen]
         else:
             manifest = Manifest.from_json(json.dumps(saved[d.name]))
-            d.val_cases = d.load(manifest.val[: d.val_max_cases], True)
-    return evaluate_tasks(method, out_dir or run_dir / "tasks", quiet=quiet)
+            cases[d.index] = d.load(manifest.val[: d.val_max_cases] if split == "val" else manifest.test, True)
+    out = out_dir or run_dir / ("tasks" if split == "val" else "tasks_test")
+    return evaluate_tasks(method, out, quiet=quiet, cases=cases, split="validation" if split == "val" else "test")
