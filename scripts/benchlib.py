@@ -39,6 +39,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default: 0 1 2)")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs trained at once, one process each, the CPU cores shared among them")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every setting, after the preset's (repeatable; e.g. a smoke run with "
+                        "--set train.iterations=20 --runs /tmp/smoke)")
     return p
 
 
@@ -121,7 +124,7 @@ def run_settings(bench: str, settings: list[Setting], args) -> dict[str, list[di
         return Path(args.runs) / (by_name[name].bench or bench) / name / f"seed{seed}"
 
     def overrides(s, seed, threads):
-        extra = [f"train.threads={threads}"]
+        extra = list(getattr(args, "set", [])) + [f"train.threads={threads}"]
         if s.init_from:
             extra.append(f"train.init_from={run_dir(s.init_from, seed)}")
         return s.overrides + extra
@@ -236,6 +239,23 @@ def paired_difference(method: list[dict], baseline: list[dict], metric_name: str
     mean = sum(diffs) / n if n else float("nan")
     half = float(stats.t.ppf(0.975, n - 1) * _std(diffs) / math.sqrt(n)) if n > 1 else float("nan")
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+
+
+def minutes_per_run(infos: list[dict]) -> str:
+    return f"{sum(i['minutes'] for i in infos) / len(infos):.1f}"
+
+
+def compared(infos: list[dict], baseline: list[dict] | None, metric_name: str = "dice", label: str = "1") -> list:
+    """The cells every method-vs-baseline table shares: test cases, mean ± std over seeds, the paired per-case
+    difference from the baseline's runs (points, 95% interval; empty without a baseline), iterations and minutes
+    per run."""
+    diff = interval(paired_difference(infos, baseline, metric_name, label)) if baseline else ""
+    return [infos[0]["test_summary"]["n_cases"], pm(over_seeds(infos, metric_name)), diff, infos[0]["iterations"],
+            minutes_per_run(infos)]
+
+
+COMPARED = ["test cases", "Dice", "vs baseline (points, 95% CI)", "iterations", "minutes/run"]
+"""Column names of ``compared``'s cells."""
 
 
 def _std(values: list[float]) -> float:

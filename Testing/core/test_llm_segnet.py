@@ -83,6 +83,24 @@ def test_config_errors_name_the_key(la_dir, cache):
         build_method(config_from_dict(raw), torch.device("cpu"))
 
 
+def test_text_fusion_on_the_strided_unet(la_dir, cache):
+    """The CPU benchmark's network: the text is fused at the strided U-Net's bottom block (128 channels at 1/8 for
+    16 features), it changes the prediction, and a supervised strided run's weights start both networks."""
+    raw = raw_config(la_dir, cache)
+    raw["model"] = {"name": "strided_unet3d", "features": 4}
+    cfg = config_from_dict(raw)
+    method = build_method(cfg, torch.device("cpu")).eval()
+    assert method.net_a.fusion.channels == 32
+    sup_raw = {k: v for k, v in raw.items() if k != "llm_segnet"}
+    supervised = build_method(config_from_dict({**sup_raw, "method": "supervised"}), torch.device("cpu"))
+    assert method.load_initial_weights(supervised.state_dict(), "sup.pt") == 2 * len(supervised.net.state_dict())
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        before = method.predict_logits(x)
+        method.text_embedding.copy_(-method.text_embedding)
+        assert not torch.equal(before, method.predict_logits(x))
+
+
 def test_text_reaches_the_prediction_and_both_nets_learn(la_dir, cache):
     torch.manual_seed(0)
     cfg = config_from_dict(raw_config(la_dir, cache))

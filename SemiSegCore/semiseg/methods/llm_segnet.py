@@ -8,8 +8,8 @@ prediction is used once) and set against B's prediction on the mixed images, and
 NLL over the confident voxels and its MSE over the others (the normalisation of TraCoCo's peer losses).
 
 Schedule (issue 13): the unlabelled loss is off for a supervised warm-up (``warmup``) and then ramps up; both
-networks may also start from a supervised V-Net run (``train.init_from``: its ``net.*`` weights go into both), so
-that the peers' pseudo-labels are worth learning from when the unlabelled loss starts.
+networks may also start from a supervised run of the same network (``train.init_from``: its ``net.*`` weights go
+into both), so that the peers' pseudo-labels are worth learning from when the unlabelled loss starts.
 
 Crops: unlabelled patches are random (there is no label to centre on). Labelled patches follow
 train.foreground_crop by default (``labelled_crop: config``); ``labelled_crop: random`` crops them like the
@@ -21,8 +21,8 @@ labelled crops but 0.08 and 0.02 (Dice 0.32, 0.09; 0.00 after 600 iterations) wi
 random labelled crops teach too little foreground before the unlabelled loss starts, and the USL then locks in
 background. Random labelled crops only make sense from a converged supervised start (``train.init_from``).
 Task knowledge: a fixed text about the structure (``Resources/knowledge/<name>.txt``) is encoded once by a frozen
-text encoder into t (d,), kept in the checkpoint as a buffer, and fused at each V-Net's bottleneck by FiLM on the
-channel-normalised features: F' = F + lambda * (gamma(t) * LN(F) + beta(t)), (gamma, beta) = Linear(t / |t|),
+text encoder into t (d,), kept in the checkpoint as a buffer, and fused at each network's bottleneck (the V-Net's last
+encoder stage or the strided U-Net's bottom block) by FiLM on the channel-normalised features: F' = F + lambda * (gamma(t) * LN(F) + beta(t)), (gamma, beta) = Linear(t / |t|),
 lambda a learnable scalar per network (``fusion: film``). Unlike the additive form F + lambda * Linear(t)
 (``fusion: bias``: a learned per-channel constant), FiLM scales each image's own features, so another text changes
 the output differently at every voxel. With a single task the text is still the same for every image: the text
@@ -48,7 +48,7 @@ from .base import Method
 @dataclass
 class LLMSegNetParams:
     use_text: bool = True
-    """Fuse the task-knowledge embedding at the bottleneck (V-Net only). False: plain co-training."""
+    """Fuse the task-knowledge embedding at the bottleneck (V-Net or strided U-Net). False: plain co-training."""
     knowledge: str = "left_atrium"
     """A name in Resources/knowledge (file stem) or a path to a text file."""
     text_encoder: str = "minilm"
@@ -174,18 +174,36 @@ class TextFiLM(nn.Module):
 
 
 class TextGuidedNet(nn.Module):
-    """A V-Net whose bottleneck is fused with a text embedding (passed in, shared by both networks)."""
+    """A network whose bottleneck (``models.bottleneck``: the V-Net's last encoder stage or the strided U-Net's
+    bottom block) is fused with a text embedding (passed in, shared by both networks). The fusion runs as a forward
+    hook on that block, so the network itself is unchanged (its ``net.*`` weights are a supervised run's)."""
 
     def __init__(self, net: nn.Module, text_dim: int, fusion_init: float, fusion: str = "film"):
         super().__init__()
+        from ..models import bottleneck
+
         self.net = net
+        block, channels = bottleneck(net)
         kind = {"film": TextFiLM, "bias": TextFusion}[fusion]
-        self.fusion = kind(text_dim, net.bottleneck_channels, fusion_init)
+        self.fusion = kind(text_dim, channels, fusion_init)
+        self._text: torch.Tensor | None = None
+        block.register_forward_hook(self._fuse)
+
+    def _fuse(self, block: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        if self._text is None:
+            raise RuntimeError("TextGuidedNet: call it with the text embedding, not its inner network")
+        return self.fusion(output, self._text)
 
     def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        feats = self.net.encode(x)
-        feats[-1] = self.fusion(feats[-1], text)
-        return self.net.decode(feats)
+        self._text = text
+        try:
+            return self.net(x)
+        finally:
+            self._text = None
+
+
+TEXT_MODELS = ("vnet", "strided_unet3d", "strided_unet2d")
+"""Networks whose bottleneck the text fusion can reach (``models.bottleneck``)."""
 
 
 class LLMSegNet(Method):
@@ -217,10 +235,10 @@ class LLMSegNet(Method):
     def __init__(self, cfg, device):
         super().__init__(cfg, device)
         p = self.params
-        if p.use_text and cfg.model.name != "vnet":
-            raise ConfigError(f"config key 'llm_segnet.use_text': text fusion needs model 'vnet' (it works on the "
-                              f"bottleneck), not '{cfg.model.name}'; set llm_segnet.use_text=false for co-training "
-                              f"only")
+        if p.use_text and cfg.model.name not in TEXT_MODELS:
+            raise ConfigError(f"config key 'llm_segnet.use_text': text fusion needs a model with a known bottleneck "
+                              f"({', '.join(TEXT_MODELS)}), not '{cfg.model.name}'; set llm_segnet.use_text=false "
+                              f"for co-training only")
         self.knowledge_text = ""
         if p.use_text:
             from ..knowledge import KnowledgeError, task_embedding
@@ -247,12 +265,12 @@ class LLMSegNet(Method):
         return self.params.unlabelled_weight * sigmoid_rampup(step - self.warmup_steps, self.rampup_steps)
 
     def vnets(self) -> list[nn.Module]:
-        """The two V-Nets (inside their text fusion wrappers, if any)."""
+        """The two segmentation networks (inside their text fusion wrappers, if any)."""
         return [n.net if isinstance(n, TextGuidedNet) else n for n in (self.net_a, self.net_b)]
 
     def load_initial_weights(self, state: dict, source: str) -> int:
-        """``train.init_from``: a supervised V-Net run's ``net.*`` weights go into both networks (the text fusion
-        starts fresh); any other state (e.g. another LLM-SegNet run) by matching names and shapes."""
+        """``train.init_from``: a supervised run's ``net.*`` weights (same model section) go into both networks (the
+        text fusion starts fresh); any other state (e.g. another LLM-SegNet run) by matching names and shapes."""
         vnet = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
         if not vnet:
             return super().load_initial_weights(state, source)

@@ -70,6 +70,8 @@ class DatasetSpec:
     background."""
     labelled: Optional[float] = None
     val: Optional[float] = None
+    test: Optional[float] = None
+    """Held out for the final report only (``evaluate_run(split="test")``); counts as in data.test."""
     unlabelled: Optional[float] = None
     seed: Optional[int] = None
     max_cases: Optional[int] = None
@@ -180,6 +182,7 @@ class _Data:
         self.num_classes = spec.num_classes or max(spec.tasks.values()) + 1
         self.labelled = pick(spec.labelled, d.labelled)
         self.val_fraction = pick(spec.val, d.val)
+        self.test_fraction = pick(spec.test, d.test)
         self.unlabelled_fraction = pick(spec.unlabelled, d.unlabelled)
         self.seed = pick(spec.seed, d.seed)
         self.max_cases = pick(spec.max_cases, d.max_cases)
@@ -201,8 +204,8 @@ class _Data:
 
     def split(self) -> Manifest:
         cases = discover_cases(self.root, self.layout)
-        return make_manifest(cases, self.labelled, self.val_fraction, 0.0, self.unlabelled_fraction, self.seed,
-                             self.max_cases, group_pattern=self.group_pattern)
+        return make_manifest(cases, self.labelled, self.val_fraction, self.test_fraction, self.unlabelled_fraction,
+                             self.seed, self.max_cases, group_pattern=self.group_pattern)
 
     def load(self, cases, with_label: bool) -> list[LoadedCase]:
         return [load_case(c, self.intensity, self.num_classes, with_label=with_label) for c in cases]
@@ -592,12 +595,13 @@ class VerSemi(Method):
         dice, per_task = mean_dice(rows, key="label_name")
         return {"dice": dice, "dice_per_task": per_task}
 
-    def _score(self, d: _Data, dice_only: bool = False) -> list[dict]:
-        """Rows (``evaluate.score_case``) of every task of dataset ``d`` on its validation cases; labels are the
-        task values, label names the task names."""
+    def _score(self, d: _Data, dice_only: bool = False, cases: list[LoadedCase] | None = None) -> list[dict]:
+        """Rows (``evaluate.score_case``) of every task of dataset ``d`` on ``cases`` (default: its validation
+        cases); labels are the task values, label names the task names."""
         names = {t.value: t.name for t in self.tasks_of(d.index)}
         pred = self.predictor(d.index)
-        return [r for lc in d.val_cases for r in score_case(pred, lc, sorted(names), names, dice_only=dice_only)]
+        cases = d.val_cases if cases is None else cases
+        return [r for lc in cases for r in score_case(pred, lc, sorted(names), names, dice_only=dice_only)]
 
     def _single_task_logits(self, x: torch.Tensor, task: int) -> torch.Tensor:
         hx, pooled = self.head_inputs(x)
@@ -605,20 +609,22 @@ class VerSemi(Method):
 
 
 # -- per-task evaluation -------------------------------------------------------------------------------------------
-def evaluate_tasks(method: VerSemi, out_dir: str | Path, quiet: bool = True) -> dict:
-    """Score every task on its dataset's loaded validation cases (label maps on each case's own grid) with the core
-    metrics. Writes ``out_dir/<dataset>/`` reports and ``out_dir/summary.json`` whose labels are the task names."""
+def evaluate_tasks(method: VerSemi, out_dir: str | Path, quiet: bool = True,
+                   cases: dict[int, list[LoadedCase]] | None = None, split: str = "validation") -> dict:
+    """Score every task on its dataset's loaded cases (``cases``: dataset index -> cases; default each dataset's
+    validation cases), label maps on each case's own grid, with the core metrics. Writes ``out_dir/<dataset>/``
+    reports and ``out_dir/summary.json`` whose labels are the task names and whose cases are ``<dataset>/<id>``."""
     from ..report import format_table, write_report
 
     out_dir = Path(out_dir)
     method.eval()
     all_rows = []
     for d in method.data:
-        rows = method._score(d)
+        rows = method._score(d, cases=None if cases is None else cases[d.index])
         if rows:
             summary = write_report(rows, out_dir / d.name, title=f"{method.cfg.name}: {d.name}")
             if not quiet:
-                print(format_table(summary, f"{d.name}: {len(d.val_cases)} validation cases"))
+                print(format_table(summary, f"{d.name}: {len({r['case'] for r in rows})} {split} cases"))
         all_rows += [{**r, "case": f"{d.name}/{r['case']}", "label": r["label_name"]} for r in rows]
     summary = write_report(all_rows, out_dir, title=f"{method.cfg.name}: all tasks")
     if not quiet:
@@ -627,10 +633,11 @@ def evaluate_tasks(method: VerSemi, out_dir: str | Path, quiet: bool = True) -> 
 
 
 def evaluate_run(run_dir: str | Path, out_dir: str | Path | None = None, which: str = "best", device: str = "auto",
-                 quiet: bool = True) -> dict:
-    """Load a VerSemi run directory and evaluate every task on its validation split (see ``evaluate_tasks``);
-    the report goes to ``run_dir/tasks`` by default. (A run-level entry point kept beside VerSemi for its callers:
-    ``runs`` builds methods, so it is imported here, not by the module.)"""
+                 quiet: bool = True, split: str = "val") -> dict:
+    """Load a VerSemi run directory and evaluate every task on its ``val`` or ``test`` split (see
+    ``evaluate_tasks``); the report goes to ``run_dir/tasks`` (``run_dir/tasks_test``) by default. (A run-level
+    entry point kept beside VerSemi for its callers: ``runs`` builds methods, so it is imported here, not by the
+    module.)"""
     from ..runs import load_cases, load_method, read_config, read_manifest
 
     run_dir = Path(run_dir)
@@ -638,10 +645,17 @@ def evaluate_run(run_dir: str | Path, out_dir: str | Path | None = None, which: 
     if cfg.method != "versemi":
         raise ValueError(f"{run_dir}: a '{cfg.method}' run, not versemi")
     method, _ = load_method(run_dir, which, device)
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test', got '{split}'")
     saved = json.loads((run_dir / "versemi_manifest.json").read_text())
+    cases = {}
     for d in method.data:
-        if d.index == 0:
-            d.val_cases = load_cases(read_manifest(run_dir).val[: cfg.train.val_max_cases], cfg, True)
+        if d.index == 0:  # the trainer's data section: loaded as training loaded it (working grid, native reference)
+            manifest = read_manifest(run_dir)
+            cases[0] = load_cases(manifest.val[: cfg.train.val_max_cases] if split == "val" else manifest.test, cfg,
+                                  True)
         else:
-            d.val_cases = d.load(Manifest.from_json(json.dumps(saved[d.name])).val[: d.val_max_cases], True)
-    return evaluate_tasks(method, out_dir or run_dir / "tasks", quiet=quiet)
+            manifest = Manifest.from_json(json.dumps(saved[d.name]))
+            cases[d.index] = d.load(manifest.val[: d.val_max_cases] if split == "val" else manifest.test, True)
+    out = out_dir or run_dir / ("tasks" if split == "val" else "tasks_test")
+    return evaluate_tasks(method, out, quiet=quiet, cases=cases, split="validation" if split == "val" else "test")

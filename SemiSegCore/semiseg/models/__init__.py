@@ -50,3 +50,21 @@ class _UNetPlusPlus(nn.Module):
 
     def forward(self, x):
         return self.net(x)[0]
+
+
+def bottleneck(net: nn.Module) -> tuple[nn.Module, int]:
+    """The block at a network's lowest resolution and its output channels, for methods that work there (text
+    fusion): the V-Net's last encoder stage, or the innermost (bottom) block of a strided U-Net (MONAI's UNet nests
+    each level as Sequential(down, SkipConnection(next level), up))."""
+    from monai.networks.layers.simplelayers import SkipConnection
+    from monai.networks.nets import UNet
+
+    if isinstance(net, VNet):
+        return net.enc5, net.bottleneck_channels
+    if isinstance(net, UNet):
+        block = net.model
+        while isinstance(block, nn.Sequential) and len(block) == 3 and isinstance(block[1], SkipConnection):
+            block = block[1].submodule
+        return block, net.channels[-1]
+    raise ValueError(f"no known bottleneck in {type(net).__name__} (vnet or a strided U-Net)")
+
