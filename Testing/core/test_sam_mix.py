@@ -12,8 +12,9 @@ import torch
 import torch.nn as nn
 
 from semiseg.config import ConfigError, load_config
-from semiseg.methods.sam_mix import (NEGATIVE_LOGIT, SliceClassifier, binary_focal_loss, box_from_cam,
-                                     dice_bce_loss)
+from semiseg.losses import binary_focal_loss, dice_bce_loss
+from semiseg.methods.sam_mix import NEGATIVE_LOGIT, box_from_cam
+from semiseg.models.slice_classifier import SliceClassifier
 from semiseg.models.lora import LoRALinear, add_lora, load_lora, lora_state_dict, save_lora
 
 REPO = Path(__file__).resolve().parents[2]

@@ -32,13 +32,14 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..data.sampling import Batch
-from ..losses import dice_ce_loss
+from ..losses import binary_focal_loss, dice_bce_loss, dice_ce_loss
+from ..models.slice_classifier import SliceClassifier
 from .base import Method
+
 
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
@@ -86,55 +87,7 @@ class SamMixParams:
     """Embeddings kept in memory (only with a frozen encoder); shared by the runs of one process."""
 
 
-# ---------------------------------------------------------------------------------------------------- losses
-
-def binary_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.5,
-                      gamma: float = 2.0) -> torch.Tensor:
-    """Mean of ``-a_t (1 - p_t)^gamma log p_t`` (Lin et al. 2017); a_t = alpha for positives, 1 - alpha else."""
-    targets = targets.float()
-    log_pt = -F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    pt = log_pt.exp()
-    a_t = alpha * targets + (1 - alpha) * (1 - targets)
-    return (-a_t * (1 - pt) ** gamma * log_pt).mean()
-
-
-def dice_bce_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """BCE + (1 - soft Dice) on sigmoid probabilities, Dice per mask and averaged. Shapes (N, H, W)."""
-    targets = targets.float()
-    probs = torch.sigmoid(logits).flatten(1)
-    t = targets.flatten(1)
-    dice = (2 * (probs * t).sum(1) + eps) / (probs.sum(1) + t.sum(1) + eps)
-    return F.binary_cross_entropy_with_logits(logits, targets) + (1 - dice).mean()
-
-
-# ---------------------------------------------------------------------------------------------------- parts
-
-class SliceClassifier(nn.Module):
-    """Multi-label presence logits (B, K) from an image embedding (B, C, h, w)."""
-
-    def __init__(self, channels: int, num_structures: int, hidden: int = 256, dropout: float = 0.3):
-        super().__init__()
-        self.fc1 = nn.Linear(channels, hidden)
-        self.drop = nn.Dropout(dropout)
-        self.fc2 = nn.Linear(hidden, num_structures)
-
-    def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.drop(F.relu(self.fc1(emb.mean((2, 3))))))
-
-    def grad_cam(self, emb: torch.Tensor) -> torch.Tensor:
-        """Grad-CAM maps (B, K, h, w) in [0, 1], one per structure, without autograd.
-
-        For this head d logit_k / d emb[c, y, x] = (W1^T (W2_k * relu'(h)))_c / (h w) at every position, so the
-        Grad-CAM channel weight (the spatial mean of the gradient) has a closed form. Dropout is taken as in eval
-        mode. Each map is ReLU(sum_c w_c emb_c), min-max scaled per map."""
-        pre = self.fc1(emb.mean((2, 3)))  # (B, H)
-        active = (pre > 0).to(emb.dtype)
-        weights = torch.einsum("kh,bh,hc->bkc", self.fc2.weight, active, self.fc1.weight) / emb[0, 0].numel()
-        cam = F.relu(torch.einsum("bkc,bcyx->bkyx", weights, emb))
-        lo = cam.flatten(2).min(-1).values[..., None, None]
-        hi = cam.flatten(2).max(-1).values[..., None, None]
-        return (cam - lo) / (hi - lo).clamp_min(1e-12)
-
+# ---------------------------------------------------------------------------------------------------- prompts
 
 def box_from_cam(cam: np.ndarray, threshold: float, scale: float, limit: tuple[int, int]) -> np.ndarray:
     """Box (x0, y0, x1, y1) in the SAM input frame around the largest component of ``cam >= threshold``.
