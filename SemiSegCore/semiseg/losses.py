@@ -1,4 +1,5 @@
-"""Segmentation losses shared by the methods. Shapes: logits (B, K, *spatial), labels (B, *spatial) long."""
+"""Losses shared by the methods. Shapes, unless a loss says otherwise: logits (B, K, *spatial), labels (B, *spatial)
+long."""
 from __future__ import annotations
 
 import math
@@ -38,3 +39,22 @@ def sigmoid_rampup(step: int, length: int) -> float:
         return 1.0
     t = min(max(step / length, 0.0), 1.0)
     return float(math.exp(-5.0 * (1.0 - t) ** 2))
+
+
+def binary_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.5,
+                      gamma: float = 2.0) -> torch.Tensor:
+    """Mean of ``-a_t (1 - p_t)^gamma log p_t`` (Lin et al. 2017); a_t = alpha for positives, 1 - alpha else."""
+    targets = targets.float()
+    log_pt = -F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    pt = log_pt.exp()
+    a_t = alpha * targets + (1 - alpha) * (1 - targets)
+    return (-a_t * (1 - pt) ** gamma * log_pt).mean()
+
+
+def dice_bce_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """BCE + (1 - soft Dice) on sigmoid probabilities of binary masks, Dice per mask and averaged. Shapes (N, H, W)."""
+    targets = targets.float()
+    probs = torch.sigmoid(logits).flatten(1)
+    t = targets.flatten(1)
+    dice = (2 * (probs * t).sum(1) + eps) / (probs.sum(1) + t.sum(1) + eps)
+    return F.binary_cross_entropy_with_logits(logits, targets) + (1 - dice).mean()

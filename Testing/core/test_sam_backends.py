@@ -13,6 +13,7 @@ from semiseg.io import read_image, read_label
 from semiseg.metrics import dice_score
 from semiseg.sam import backends as B
 from semiseg.sam import HFSamBackend, Prompt, SamCheckpointError, SamEngine, SegmentAnythingBackend, build_backend
+from semiseg.sam.backends import crop_to_slice
 from semiseg.sam.prompts import prompts_from_mask
 
 DATA = Path(os.environ.get("SEMISEG_DATA") or Path(__file__).resolve().parents[2].parent / "shared" / "data")
@@ -150,6 +151,30 @@ def test_multimask_keeps_the_candidate_with_highest_predicted_iou():
     with torch.inference_mode():
         _, iou1 = be._decode(emb.features, coords, labels, None, None, False)
     assert np.isclose(s1[0], float(iou1[0, 0]), atol=1e-5)
+
+
+def test_training_path_is_the_inference_path_with_autograd():
+    """preprocess -> encode -> decode_logits -> crop_to_slice (what SAM-Mix trains through) gives decode's masks, a
+    grey (1, H, W) slice the same embedding as its RGB copy, and gradients reach the mask decoder."""
+    be = SegmentAnythingBackend(model=tiny_sam(), device="cpu")
+    grey = np.random.default_rng(5).integers(0, 255, (100, 80), dtype=np.uint8)
+    rgb = np.repeat(grey[:, :, None], 3, axis=2)
+    emb = be.embed([rgb])[0]
+    batch, sizes = be.preprocess([torch.from_numpy(grey)[None]])
+    assert sizes == [((100, 80), (64, 51))]
+    features = be.encode(batch)
+    torch.testing.assert_close(features, emb.features, rtol=0, atol=0)
+    prompts = [Prompt(box=(10, 10, 40, 50)), Prompt(box=(5, 30, 60, 90), mask=grey > 128)]
+    expected, _ = be.decode(emb, prompts, multimask=False)
+    scale = torch.tensor([51 / 80, 64 / 100] * 2)  # (x, y) from slice to input pixels
+    for prompt, want in zip(prompts, expected):
+        box = torch.tensor([prompt.box]) * scale
+        dense = None if prompt.mask is None else be._mask_input(prompt.mask, emb)
+        logits, iou = be.decode_logits(features, boxes=box, masks=dense)
+        assert logits.shape == (1, 1, 64, 64) and iou.shape == (1, 1)
+        assert np.array_equal(crop_to_slice(logits, *sizes[0])[0, 0].detach().numpy() > 0, want)
+    logits.sum().backward()
+    assert be.model.mask_decoder.output_upscaling[0].weight.grad.abs().sum() > 0
 
 
 def test_hf_backend_from_local_folder(tmp_path):

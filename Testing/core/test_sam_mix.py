@@ -12,9 +12,10 @@ import torch
 import torch.nn as nn
 
 from semiseg.config import ConfigError, load_config
+from semiseg.losses import binary_focal_loss, dice_bce_loss
 from semiseg.methods import check_params
-from semiseg.methods.sam_mix import (NEGATIVE_LOGIT, SliceClassifier, binary_focal_loss, box_from_cam,
-                                     dice_bce_loss)
+from semiseg.methods.sam_mix import NEGATIVE_LOGIT, box_from_cam
+from semiseg.models.slice_classifier import SliceClassifier
 from semiseg.models.lora import LoRALinear, add_lora, load_lora, lora_state_dict, save_lora
 
 REPO = Path(__file__).resolve().parents[2]
@@ -220,3 +221,31 @@ def test_frozen_encoder_stays_in_eval_mode_and_predict_matches_in_run_validation
     again = load_predictor(tmp_path / "run", device="cpu").predict_array(sl)
     assert ours.shape == (2,) + sl.shape[1:]
     np.testing.assert_allclose(again, ours, atol=1e-4)
+
+
+def test_decode_path_is_the_engines():
+    """SAM-Mix and the SAM engine share one implementation: on a real LA 2018 axial slice (183 x 140, so resized
+    and padded into LiteMedSAM's 256 frame) and a box around the atrium, SAM-Mix's embedding and untrained decoder
+    give exactly the mask ``SamEngine.segment`` gives for the same uint8 slice and box."""
+    from semiseg.io import Image, read_image, read_label
+    from semiseg.methods.sam_mix import SamMix
+    from semiseg.sam import Prompt, SamEngine
+    from semiseg.sam.backends import crop_to_slice, resized_size
+    from semiseg.sam.prompts import prompts_from_mask
+
+    case = sorted((LA / "imagesTr").glob("*.nii.gz"))[0]
+    image, label = read_image(case).array, read_label(LA / "labelsTr" / case.name).array
+    k = int(np.argmax((label > 0).sum((0, 1))))
+    m = SamMix(tiny_cfg("sam_mix.lora_rank=0"), torch.device("cpu")).eval()
+    pixels = m.to_uint8(torch.from_numpy(np.ascontiguousarray(image[..., k]))[None, None].float())
+    h, w = pixels.shape[-2:]
+    size = resized_size(h, w, m.input_size)
+    assert size == (256, 196)
+    box = prompts_from_mask(label[..., k])[0].box
+    with torch.no_grad():
+        scale = torch.tensor([size[1] / w, size[0] / h] * 2)
+        logits = m.decode(m.embed(pixels), torch.tensor([box]) * scale, None)
+        ours = crop_to_slice(logits[None], (h, w), size)[0, 0].numpy() > 0
+    engine = SamEngine(m.backend).segment(Image(pixels[0, 0].numpy(), (1.0, 1.0)), [Prompt(box=box)])
+    theirs = engine.label.array > 0
+    assert theirs.sum() > 100 and np.array_equal(ours, theirs)

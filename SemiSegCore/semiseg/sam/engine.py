@@ -150,11 +150,10 @@ class SamEngine:
         self.cache = SliceEmbeddingCache(cache_size)
         self.multimask = multimask
         self.timing = SliceTiming()
-        self._backend_key = f"{backend.name}:{backend.model_type}:{backend.checkpoint_sha256 or id(backend)}"
 
     def embed_slices(self, slices: list[np.ndarray]) -> list[Embedding]:
         """Embeddings for RGB uint8 slices: cached ones reused, the others encoded ``batch_size`` at a time."""
-        keys = [self._backend_key + content_key(s) for s in slices]
+        keys = [self.backend.key + content_key(s) for s in slices]
         out: list[Embedding | None] = [self.cache.get(k) for k in keys]
         todo: dict[str, list[int]] = {}
         for i, (k, e) in enumerate(zip(keys, out)):
