@@ -33,7 +33,7 @@ def test_resumed_run_equals_uninterrupted_run(la_dir, tmp_path):
                       tmp_path / "resumed",
                       quiet=True)
     # ask the trainer to stop after step 10, as SIGINT/SIGTERM would
-    trainer.method.on_step = lambda tr, step: setattr(tr, "stop_requested", step >= 10)
+    trainer.method.on_step = lambda ctx, step: setattr(trainer, "stop_requested", step >= 10)
     assert trainer.fit()["stopped"]
     train(cfg, tmp_path / "resumed", quiet=True, evaluate_val=False)
     log = [json.loads(line) for line in open(tmp_path / "resumed" / "log.jsonl")]
