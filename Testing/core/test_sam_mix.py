@@ -113,6 +113,7 @@ def test_frozen_encoder_run_learns_and_reloads(tmp_path):
     trainer = Trainer(cfg, tmp_path / "run", quiet=True)
     method = trainer.method
     method.on_step(trainer.context, 0)
+    assert trainer.samplers == {}  # SAM-Mix draws from its slice sets, not from trainer streams
     assert len(method.seg_items) == 1 and len(method.cls_items) == trainer.labelled[0].image.shape[1]
     item = method.seg_items[0]
 

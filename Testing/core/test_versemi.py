@@ -180,6 +180,7 @@ def test_stage2_draws_unlabelled_batches_with_a_patch_per_dataset(tmp_path):
     vs: VerSemi = trainer.method
     assert vs.stage2_from == 2 and isinstance(vs.net.dec1, torch.nn.Identity)
     vs.setup(trainer.context)
+    assert trainer.samplers == {}  # every dataset keeps its own samplers: no trainer batch drawn and discarded
     assert [d.sampler.patch for d in vs.data] == [(32, 32, 32), (16, 32, 32)]
     drawn = {d.name: [] for d in vs.data}
     for d in vs.data:
