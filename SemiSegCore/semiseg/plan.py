@@ -119,10 +119,11 @@ def seconds_per_iteration(cfg: Config, device: torch.device, steps: int = 6) -> 
     batch = Batch(torch.randn(shape, device=device),
                   torch.randint(0, cfg.data.num_classes, (t.batch_size, *t.patch_size), device=device), ["plan"])
     unl = Batch(torch.randn((t.unlabelled_batch_size, *shape[1:]), device=device), None, ["plan"])
+    batches = {"labelled": batch, "unlabelled": unl} if method.needs_unlabelled else {"labelled": batch}
     elapsed = []
     for i in range(steps + 2):
         start = time.perf_counter()
-        loss = method(batch, unl if method.needs_unlabelled else None, 0)["loss"]
+        loss = method(batches, 0)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()

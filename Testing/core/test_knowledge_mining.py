@@ -65,21 +65,13 @@ def test_ramp_and_masked_pseudo_loss():
     assert m.pseudo_weight(25) == pytest.approx(2.0 * math.exp(-5 * 0.5 ** 2))
     assert m.pseudo_weight(40) == pytest.approx(2.0)
 
-    class OneBatch:  # stands in for the pseudo-label sampler only (the loss under test is real)
-        def __init__(self, batch):
-            self.batch = batch
-
-        def next_batch(self):
-            return self.batch
-
     x = torch.randn(2, 3, 64, 64)
     lab = Batch(x[:1], torch.zeros(1, 64, 64, dtype=torch.long), ["a"])
     pl_label = torch.randint(0, 2, (1, 64, 64))
     ignored = pl_label.clone()
     ignored[:, :32] = IGNORE
     m.eval()  # fixed batch-norm statistics: the two losses below see the same logits
-    m._sampler = OneBatch(Batch(x[1:], ignored, ["b"]))
-    out = m.training_step(lab, None, 40)
+    out = m.training_step({"labelled": lab, "pseudo": Batch(x[1:], ignored, ["b"])}, 40)
     assert set(out) >= {"loss", "sup", "pseudo", "pseudo_weight"}
     # the masked loss equals Dice+CE computed by hand on the valid half only
     from semiseg.losses import dice_ce_loss

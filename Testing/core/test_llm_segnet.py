@@ -11,6 +11,7 @@ from semiseg.config import ConfigError, config_from_dict
 from semiseg.data.cases import discover_cases, load_case
 from semiseg.data.sampling import PatchSampler
 from semiseg.methods import build_method, check_params
+from semiseg.methods.context import TrainingContext
 from semiseg.methods.llm_segnet import (TextFiLM, TextFusion, cross_pseudo_loss, cutmix_box, mix,
                                         unified_segmentation_loss)
 from semiseg.runs import load_predictor
@@ -112,8 +113,8 @@ def test_text_reaches_the_prediction_and_both_nets_learn(la_dir, cache):
     unl.label = None
     opt = torch.optim.Adam(method.parameters(), lr=0.003)
     first = None
-    for step in range(8):
-        out = method.training_step(lab, unl, step=100)  # past the ramp-up: the unlabelled terms count fully
+    for step in range(8):  # past the ramp-up: the unlabelled terms count fully
+        out = method.training_step({"labelled": lab, "unlabelled": unl}, step=100)
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
@@ -209,14 +210,14 @@ def test_warm_up_warm_start_and_crop_policy(la_dir, cache, tmp_path):
     cases = [load_case(c, "none", 2) for c in discover_cases(la_dir)[:3]]
     sampler = PatchSampler(cases[:2], (32, 32, 32), 1, seed=0, foreground_prob=0.5)
     events = []
-    trainer = SimpleNamespace(labelled_sampler=sampler, is_main=True, run_dir=tmp_path,
-                              log=SimpleNamespace(write=lambda **r: events.append(r)))
+    ctx = TrainingContext(cfg, labelled=cases[:2], run_dir=tmp_path,
+                          log=SimpleNamespace(write=lambda **r: events.append(r)))
     default = build_method(config_from_dict(raw_config(la_dir, cache)), torch.device("cpu"))
-    default.on_step(trainer, 0)  # by default labelled crops follow train.foreground_crop
-    assert default.params.labelled_crop == "config" and sampler.foreground_prob == 0.5
+    default.on_step(ctx, 0)  # by default labelled crops follow train.foreground_crop
+    assert default.params.labelled_crop == "config" and default.streams(ctx)["labelled"].foreground_crop == 0.5
     events.clear()
-    method.on_step(trainer, 0)
-    assert sampler.foreground_prob == 0.0
+    method.on_step(ctx, 0)
+    assert method.streams(ctx)["labelled"].foreground_crop == 0.0
     assert {e["event"] for e in events} >= {"llm_segnet_crops", "knowledge"}
     assert method.load_initial_weights(supervised.state_dict(), "sup.pt") == 2 * len(supervised.net.state_dict())
     ref = supervised.net.state_dict()
@@ -225,9 +226,9 @@ def test_warm_up_warm_start_and_crop_policy(la_dir, cache, tmp_path):
             torch.testing.assert_close(v, ref[k])
     lab = sampler.next_batch()
     unl = PatchSampler(cases[2:], (32, 32, 32), 1, seed=1).next_batch()
-    out = method.training_step(lab, unl, step=10)  # warm-up: supervised terms only
+    out = method.training_step({"labelled": lab, "unlabelled": unl}, step=10)  # warm-up: supervised terms only
     assert float(out["unsup_weight"]) == 0.0 and float(out["loss"].detach()) == pytest.approx(
         float(out["sup_a"] + out["sup_b"]), rel=1e-6)
-    assert float(method.training_step(lab, unl, step=80)["unsup_weight"]) == 1.0
+    assert float(method.training_step({"labelled": lab, "unlabelled": unl}, step=80)["unsup_weight"]) == 1.0
     with pytest.raises(ConfigError, match="llm_segnet.labelled_crop"):
         check_params(config_from_dict(raw_config(la_dir, cache, labelled_crop="foreground")))

@@ -113,7 +113,8 @@ def test_frozen_encoder_run_learns_and_reloads(tmp_path):
                    "sam_mix.box_jitter=0.0", "sam_mix.cls_batch=1", "train.lr=0.0003", "train.iterations=5")
     trainer = Trainer(cfg, tmp_path / "run", quiet=True)
     method = trainer.method
-    method.on_step(trainer, 0)
+    method.on_step(trainer.context, 0)
+    assert trainer.samplers == {}  # SAM-Mix draws from its slice sets, not from trainer streams
     assert len(method.seg_items) == 1 and len(method.cls_items) == trainer.labelled[0].image.shape[1]
     item = method.seg_items[0]
 
@@ -123,7 +124,7 @@ def test_frozen_encoder_run_learns_and_reloads(tmp_path):
 
     before = seg_loss()
     for step in range(5):
-        method.on_step(trainer, step)
+        method.on_step(trainer.context, step)
         trainer.train_step()
         trainer.step += 1
     assert seg_loss() < before
@@ -150,7 +151,7 @@ def test_lora_step_trains_adapters_only_in_encoder(tmp_path):
     m = trainer.method
     base = m.sam.image_encoder.layers[1].blocks[0].attn.qkv.base.weight.clone()
     decoder = next(m.sam.mask_decoder.parameters()).clone()
-    m.on_step(trainer, 0)
+    m.on_step(trainer.context, 0)
     trainer.train_step()
     lora = lora_state_dict(m)
     assert len(lora) == 2 * 20  # qkv and proj of the 10 attention blocks of LiteMedSAM's TinyViT
@@ -205,7 +206,7 @@ def test_frozen_encoder_stays_in_eval_mode_and_predict_matches_in_run_validation
     assert not any(b.training for b in norms) and not m.sam.prompt_encoder.training
     sam_mix._EMBEDDINGS.clear()  # embeddings are computed now, by the training steps
     for step in range(2):
-        m.on_step(trainer, step)
+        m.on_step(trainer.context, step)
         trainer.train_step()
         trainer.step += 1
     assert not any(b.training for b in norms)

@@ -33,7 +33,7 @@ def test_resumed_run_equals_uninterrupted_run(la_dir, tmp_path):
                       tmp_path / "resumed",
                       quiet=True)
     # ask the trainer to stop after step 10, as SIGINT/SIGTERM would
-    trainer.method.on_step = lambda tr, step: setattr(tr, "stop_requested", step >= 10)
+    trainer.method.on_step = lambda ctx, step: setattr(trainer, "stop_requested", step >= 10)
     assert trainer.fit()["stopped"]
     train(cfg, tmp_path / "resumed", quiet=True, evaluate_val=False)
     log = [json.loads(line) for line in open(tmp_path / "resumed" / "log.jsonl")]
@@ -43,6 +43,27 @@ def test_resumed_run_equals_uninterrupted_run(la_dir, tmp_path):
     b = torch.load(tmp_path / "resumed/checkpoints/last.pt", weights_only=False)["method"]
     for k in a:
         torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-5)
+
+
+def test_the_trainer_draws_and_checkpoints_the_streams_a_method_declares(la_dir, tmp_path):
+    """Supervised declares one stream, ``labelled``; its sampler state is in the checkpoint and a resumed trainer
+    continues it. A stream the method declares anew is rebuilt from its declaration (batch size, seed)."""
+    from semiseg.methods.context import Stream
+
+    cfg = tiny_config(la_dir, iterations=2, val_every=2, checkpoint_every=2, val_max_cases=0)
+    trainer = Trainer(cfg, tmp_path / "run", quiet=True)
+    assert set(trainer.samplers) == {"labelled"}
+    assert trainer.samplers["labelled"].foreground_prob == cfg.train.foreground_crop
+    trainer.fit()
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)["streams"]
+    resumed = Trainer(cfg, tmp_path / "run", quiet=True)
+    fresh = resumed.samplers["labelled"].state_dict()
+    assert resumed.try_resume() and resumed.samplers["labelled"].state_dict() == saved["labelled"] != fresh
+    resumed.method.streams = lambda ctx: {"labelled": Stream(ctx.labelled, 1, seed=7)}
+    resumed.refresh_stream("labelled")
+    sampler = resumed.samplers["labelled"]
+    assert sampler.batch_size == 1 and sampler.foreground_prob == 0.0
+    assert sampler.state_dict() == {"rng": np.random.default_rng(cfg.train.seed * 1000 + 7).bit_generator.state}
 
 
 def test_training_learns_and_predicts_on_the_input_grid(kvasir_dir, tmp_path):

@@ -110,14 +110,14 @@ def test_two_datasets_both_stages_resume_and_per_task_evaluation(tmp_path):
     vs: VerSemi = first.method
     stop_after = vs.on_step
 
-    def stop_at_2(trainer, step):  # the same as a SIGTERM after step 2
-        stop_after(trainer, step)
-        trainer.stop_requested = step >= 1
+    def stop_at_2(ctx, step):  # the same as a SIGTERM after step 2
+        stop_after(ctx, step)
+        first.stop_requested = step >= 1
 
     vs.on_step = stop_at_2
     # stage 1 losses on a real batch from both datasets
-    vs.setup(first)
-    stage1 = vs.training_step(None, None, 0)
+    vs.setup(first.context)
+    stage1 = vs.training_step({}, 0)
     assert set(stage1) == {"loss", "sup", "chaos", "spec"} and torch.isfinite(stage1["loss"])
     stopped = first.fit()  # (the trainer's result also names the signal since its fault handling landed)
     assert stopped["stopped"] is True and stopped["step"] == 2
@@ -125,7 +125,7 @@ def test_two_datasets_both_stages_resume_and_per_task_evaluation(tmp_path):
 
     second = Trainer(cfg, run, quiet=True)
     assert second.try_resume() and second.step == 2
-    second.method.setup(second)
+    second.method.setup(second.context)
     for d in second.method.data:  # every dataset's sampler continues where it stopped
         assert d.sampler.state_dict() == saved[d.name]
     assert [c.id for c in second.method.data[1].train_cases] == [c.id for c in vs.data[1].train_cases]
@@ -179,7 +179,8 @@ def test_stage2_draws_unlabelled_batches_with_a_patch_per_dataset(tmp_path):
     trainer = Trainer(cfg, tmp_path / "run", quiet=True)
     vs: VerSemi = trainer.method
     assert vs.stage2_from == 2 and isinstance(vs.net.dec1, torch.nn.Identity)
-    vs.setup(trainer)
+    vs.setup(trainer.context)
+    assert trainer.samplers == {}  # every dataset keeps its own samplers: no trainer batch drawn and discarded
     assert [d.sampler.patch for d in vs.data] == [(32, 32, 32), (16, 32, 32)]
     drawn = {d.name: [] for d in vs.data}
     for d in vs.data:
@@ -192,9 +193,9 @@ def test_stage2_draws_unlabelled_batches_with_a_patch_per_dataset(tmp_path):
             return batch
 
         d.unlabelled_sampler.next_batch = counted
-    out = vs.training_step(None, None, 1)  # stage 1: labelled only
+    out = vs.training_step({}, 1)  # stage 1: labelled only
     assert "unl" not in out and all(not v for v in drawn.values())
-    out = vs.training_step(None, None, 2)  # stage 2
+    out = vs.training_step({}, 2)  # stage 2
     assert drawn == {"la2018": [(1, 1, 32, 32, 32)], "acdc": [(1, 1, 16, 32, 32)]}
     assert {"unl", "cube"} <= set(out) and float(out["unlabelled_patches"]) == 2
     assert torch.isfinite(out["loss"]) and out["loss"].requires_grad

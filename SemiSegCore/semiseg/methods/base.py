@@ -1,5 +1,6 @@
-"""The method interface. A method owns its networks (it is an ``nn.Module``), computes its losses from one labelled
-and one unlabelled batch, and predicts logits for whole-image inference. The trainer knows nothing else about it."""
+"""The method interface. A method owns its networks (it is an ``nn.Module``), declares the batch streams it draws
+each step (``streams``), computes its losses from one batch of each, and predicts logits for whole-image inference.
+It sees the run only through the ``TrainingContext`` the trainer gives it; the trainer knows nothing else about it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ import torch.nn as nn
 from ..config import Config, build_dataclass
 from ..data.sampling import Batch
 from ..models import build_model
+from .context import Stream, TrainingContext
 
 
 @dataclass
@@ -20,9 +22,7 @@ class NoParams:
 class Method(nn.Module):
     name: str = ""
     needs_unlabelled: bool = False
-    """Load the unlabelled cases (``trainer.unlabelled``)."""
-    uses_unlabelled_batches: bool | None = None
-    """Have the trainer draw an unlabelled batch every step (default: same as ``needs_unlabelled``)."""
+    """Load the unlabelled cases (``ctx.unlabelled``); by default also draw an ``unlabelled`` batch every step."""
     Params = NoParams
 
     def __init__(self, cfg: Config, device: torch.device):
@@ -43,22 +43,42 @@ class Method(nn.Module):
         kwargs.update(overrides)
         return build_model(**kwargs)
 
-    def forward(self, labelled: Batch, unlabelled: Batch | None, step: int) -> dict[str, torch.Tensor]:
-        """One training step's losses; must contain ``loss``. (``forward`` so that DistributedDataParallel wraps it.)"""
-        return self.training_step(labelled, unlabelled, step)
+    # -- what the trainer calls ----------------------------------------------------------------------------------
+    def setup(self, ctx: TrainingContext) -> None:
+        """Called once when the trainer is built, before a resume restores the state. Default: nothing."""
 
-    def training_step(self, labelled: Batch, unlabelled: Batch | None, step: int) -> dict[str, torch.Tensor]:
+    def labelled_stream(self, ctx: TrainingContext) -> Stream:
+        t = self.cfg.train
+        return Stream(ctx.labelled, t.batch_size, seed=0, foreground_crop=t.foreground_crop)
+
+    def unlabelled_stream(self, ctx: TrainingContext) -> Stream:
+        return Stream(ctx.unlabelled, self.cfg.train.unlabelled_batch_size, seed=500)
+
+    def streams(self, ctx: TrainingContext) -> dict[str, Stream]:
+        """The batches ``training_step`` gets each step, by name; the trainer samples, draws and checkpoints them.
+        Default: ``labelled`` and, when the method ``needs_unlabelled``, ``unlabelled``."""
+        streams = {"labelled": self.labelled_stream(ctx)}
+        if self.needs_unlabelled:
+            streams["unlabelled"] = self.unlabelled_stream(ctx)
+        return streams
+
+    def forward(self, batches: dict[str, Batch], step: int) -> dict[str, torch.Tensor]:
+        """One training step's losses; must contain ``loss``. (``forward`` so that DistributedDataParallel wraps it.)"""
+        return self.training_step(batches, step)
+
+    def training_step(self, batches: dict[str, Batch], step: int) -> dict[str, torch.Tensor]:
+        """Losses from one batch of each declared stream (``batches[name]``, on the method's device)."""
         raise NotImplementedError
 
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def on_step(self, trainer, step: int) -> None:
+    def on_step(self, ctx: TrainingContext, step: int) -> None:
         """Called by the trainer before each step (e.g. to re-mine pseudo-labels). Default: nothing."""
 
-    def validate(self, trainer) -> dict | None:
+    def validate(self, ctx: TrainingContext) -> dict | None:
         """Validation Dice for choosing ``best.pt``: ``{"dice": mean, ...}``, or None for the trainer's default
-        (sliding-window Dice on the trainer's validation cases). Methods over several datasets override it."""
+        (sliding-window Dice on ``ctx.val``). Methods over several datasets override it."""
         return None
 
     def load_initial_weights(self, state: dict, source: str) -> int:

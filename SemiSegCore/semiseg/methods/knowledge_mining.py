@@ -36,12 +36,13 @@ from tqdm import tqdm
 
 from ..config import ConfigError
 from ..data.resample import resample_label
-from ..data.sampling import Augmentation, Batch, PatchSampler
+from ..data.sampling import Batch
 from ..io import Image, label_path, pseudo_label_dir, read_label, write_label, write_sidecar
 from ..losses import dice_ce_loss, sigmoid_rampup
 from ..metrics import dice_score
 from ..utils import atomic_write_text
 from .base import Method
+from .context import Stream
 
 IGNORE = 255
 """Label value of pixels left out of the pseudo-label loss (slices rejected by the gate)."""
@@ -163,8 +164,7 @@ def quality_correlations(quality: list[list[float]]) -> dict:
 
 class KnowledgeMining(Method):
     name = "knowledge_mining"
-    needs_unlabelled = True
-    uses_unlabelled_batches = False  # the method draws its own batches from the pseudo-labelled cases
+    needs_unlabelled = True  # loaded for mining; batches come from the accepted ones (stream "pseudo")
     Params = KnowledgeMiningParams
 
     @classmethod
@@ -189,8 +189,6 @@ class KnowledgeMining(Method):
         self.round = 0
         self.first_round_step = -1
         self.next_round_step = self.params.warmup
-        self._sampler: PatchSampler | None = None
-        self._sampler_state: dict | None = None  # restored from a checkpoint, applied when the sampler is built
         self._engine = None
 
     # -- training -------------------------------------------------------------------------------------------------
@@ -199,9 +197,20 @@ class KnowledgeMining(Method):
             return 0.0
         return self.params.weight * sigmoid_rampup(step - self.first_round_step, self.params.rampup)
 
-    def training_step(self, labelled: Batch, unlabelled: Batch | None, step: int) -> dict[str, torch.Tensor]:
+    def streams(self, ctx) -> dict:
+        """The labelled batches and, once a round accepted cases, ``pseudo``: the pseudo-labelled cases with their
+        gated labels (a new seed each round)."""
+        streams = {"labelled": self.labelled_stream(ctx)}
+        cases = [c for c in ctx.unlabelled if c.id in self.pseudo]
+        if cases and self.params.weight > 0:
+            streams["pseudo"] = Stream(cases, self.cfg.train.unlabelled_batch_size, seed=700 + self.round,
+                                       labels=self.pseudo)
+        return streams
+
+    def training_step(self, batches: dict[str, Batch], step: int) -> dict[str, torch.Tensor]:
         lam = self.pseudo_weight(step)
-        pseudo = self._sampler.next_batch().to(labelled.image.device) if self._sampler and lam > 0 else None
+        labelled = batches["labelled"]
+        pseudo = batches.get("pseudo") if lam > 0 else None
         x = labelled.image if pseudo is None else torch.cat([labelled.image, pseudo.image])
         logits = self.net(x)
         n = labelled.image.shape[0]
@@ -217,23 +226,9 @@ class KnowledgeMining(Method):
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def on_step(self, trainer, step: int) -> None:
-        if step >= self.next_round_step and step < trainer.cfg.train.iterations:
-            self.mine(trainer, step)
-        if self.pseudo and self._sampler is None:
-            self._build_sampler(trainer)
-
-    def _build_sampler(self, trainer) -> None:
-        cases = [c for c in trainer.unlabelled if c.id in self.pseudo]
-        if not cases:
-            self._sampler = None
-            return
-        t = trainer.cfg.train
-        self._sampler = PatchSampler(cases, t.patch_size, t.unlabelled_batch_size, t.seed * 1000 + 700 + self.round,
-                                     Augmentation.of(t), 0.0, labels=self.pseudo, slice_axis=t.slice_axis)
-        if self._sampler_state is not None:
-            self._sampler.load_state_dict(self._sampler_state)
-            self._sampler_state = None
+    def on_step(self, ctx, step: int) -> None:
+        if step >= self.next_round_step and step < self.cfg.train.iterations:
+            self.mine(ctx, step)
 
     # -- mining ---------------------------------------------------------------------------------------------------
     def engine(self):
@@ -266,27 +261,27 @@ class KnowledgeMining(Method):
         return Image(arr, (1.0,) * arr.ndim)
 
     @torch.no_grad()
-    def mine(self, trainer, step: int) -> dict:
-        """One mining round over all unlabelled cases; replaces the pseudo-labels and logs a summary."""
+    def mine(self, ctx, step: int) -> dict:
+        """One mining round over all unlabelled cases; replaces the pseudo-labels (and the ``pseudo`` stream) and
+        logs a summary."""
         t0 = time.time()
         p = self.params
         self.round += 1
         was_training = self.training
         self.eval()
-        predictor = trainer.predictor()
-        references = {c.id: c.reference for c in trainer.manifest.unlabelled}
+        predictor = ctx.predictor()
+        references = {c.id: c.reference for c in ctx.manifest.unlabelled}
         k = self.cfg.data.num_classes
-        out_dir = pseudo_label_dir(trainer.run_dir)
-        write = p.save_pseudolabels and getattr(trainer, "is_main", True)
+        out_dir = pseudo_label_dir(ctx.run_dir)
+        write = p.save_pseudolabels and ctx.is_main
         pseudo, scores = {}, {"pseudo_dice": [], "sam_dice": [], "model_dice": []}
         quality = []  # per prompted case with a reference: SAM's true Dice, predicted IoU, agreement, stability
         n_prompted = 0
-        trainer.log.write(event="mining_start", round=self.round, step=step, cases=len(trainer.unlabelled))
-        for case in tqdm(trainer.unlabelled, desc=f"mining round {self.round}", leave=False,
-                         disable=getattr(trainer, "quiet", False)):
+        ctx.log.write(event="mining_start", round=self.round, step=step, cases=len(ctx.unlabelled))
+        for case in tqdm(ctx.unlabelled, desc=f"mining round {self.round}", leave=False, disable=ctx.quiet):
             prob = predictor.predict_array(case.image)
             model_mask = prob.argmax(0).astype(np.uint8)
-            axis = trainer.cfg.train.slice_axis % model_mask.ndim
+            axis = self.cfg.train.slice_axis % model_mask.ndim
             sam_image = self._sam_image(case.image)
             sam_mask, score, prov = self.sam_pseudolabel(sam_image, prob, axis)
             stability = None
@@ -316,18 +311,17 @@ class KnowledgeMining(Method):
             if write and decisions:
                 self._write(out_dir, case, gated if accepted else None, prov, decisions, step)
         self.pseudo = pseudo
-        self._sampler = None
-        self._sampler_state = None
+        ctx.refresh_stream("pseudo")
         if self.first_round_step < 0:
             self.first_round_step = step
         self.next_round_step = step + p.every if p.schedule == "continuous" else float("inf")
         if was_training:
             self.train()
-        summary = {"round": self.round, "step": step, "cases": len(trainer.unlabelled), "prompted": n_prompted,
+        summary = {"round": self.round, "step": step, "cases": len(ctx.unlabelled), "prompted": n_prompted,
                    "accepted": len(pseudo), "seconds": round(time.time() - t0, 1),
                    **{k_: (round(float(np.mean(v)), 4) if v else None) for k_, v in scores.items()},
                    **quality_correlations(quality)}
-        trainer.log.write(event="mining", **summary)
+        ctx.log.write(event="mining", **summary)
         if write:
             atomic_write_text(out_dir / "rounds.jsonl", "".join(json.dumps(r) + "\n" for r in
                                                                 self._history(out_dir) + [summary]))
@@ -359,13 +353,10 @@ class KnowledgeMining(Method):
     def get_extra_state(self) -> dict:
         return {"round": self.round, "first_round_step": self.first_round_step,
                 "next_round_step": self.next_round_step,
-                "pseudo": {cid: _pack(arr) for cid, arr in self.pseudo.items()},
-                "sampler": self._sampler.state_dict() if self._sampler else self._sampler_state}
+                "pseudo": {cid: _pack(arr) for cid, arr in self.pseudo.items()}}
 
     def set_extra_state(self, state: dict) -> None:
         self.round = int(state["round"])
         self.first_round_step = int(state["first_round_step"])
         self.next_round_step = state["next_round_step"]
         self.pseudo = {cid: _unpack(d) for cid, d in state["pseudo"].items()}
-        self._sampler = None
-        self._sampler_state = state.get("sampler")

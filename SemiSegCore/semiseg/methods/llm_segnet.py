@@ -33,7 +33,7 @@ Inference: the average of the two networks' softmax (``predict_with: mean``) or 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -292,7 +292,8 @@ class LLMSegNet(Method):
             return cross_pseudo_loss(logits.float(), peer)
         return unified_segmentation_loss(logits.float(), peer, self.params.confidence)
 
-    def training_step(self, labelled: Batch, unlabelled: Batch | None, step: int) -> dict[str, torch.Tensor]:
+    def training_step(self, batches: dict[str, Batch], step: int) -> dict[str, torch.Tensor]:
+        labelled, unlabelled = batches["labelled"], batches.get("unlabelled")
         if unlabelled is None:
             raise ValueError("llm_segnet needs an unlabelled batch every step (train.unlabelled_batch_size >= 1)")
         p = self.params
@@ -332,21 +333,22 @@ class LLMSegNet(Method):
         probs = 0.5 * (torch.softmax(logits_a.float(), 1) + torch.softmax(self.run(self.net_b, x).float(), 1))
         return torch.log(probs.clamp_min(1e-8))  # the predictor's softmax gives back the averaged probabilities
 
-    def on_step(self, trainer, step: int) -> None:
-        """Every step: the labelled crop policy (the trainer's labelled sampler is built from
-        train.foreground_crop). At step 0: the knowledge text used (provenance)."""
-        sampler = getattr(trainer, "labelled_sampler", None)
-        if self.params.labelled_crop == "random" and sampler is not None and sampler.foreground_prob:
-            sampler.foreground_prob = 0.0
-            if step == 0:
-                trainer.log.write(event="llm_segnet_crops", labelled_crop="random",
-                                  ignored={"train.foreground_crop": self.cfg.train.foreground_crop})
-        if step == 0 and self.knowledge_text and trainer.is_main:
+    def labelled_stream(self, ctx):
+        """Labelled crops follow train.foreground_crop unless llm_segnet.labelled_crop is 'random'."""
+        stream = super().labelled_stream(ctx)
+        return replace(stream, foreground_crop=0.0) if self.params.labelled_crop == "random" else stream
+
+    def on_step(self, ctx, step: int) -> None:
+        """At step 0: the labelled crop policy and the knowledge text used (provenance)."""
+        if step == 0 and self.params.labelled_crop == "random" and self.cfg.train.foreground_crop:
+            ctx.log.write(event="llm_segnet_crops", labelled_crop="random",
+                          ignored={"train.foreground_crop": self.cfg.train.foreground_crop})
+        if step == 0 and self.knowledge_text and ctx.is_main:
             from ..utils import atomic_write_text
 
-            atomic_write_text(trainer.run_dir / "knowledge.txt", self.knowledge_text + "\n")
-            trainer.log.write(event="knowledge", knowledge=self.params.knowledge, encoder=self.params.text_encoder,
-                              dim=int(self.text_embedding.numel()))
+            atomic_write_text(ctx.run_dir / "knowledge.txt", self.knowledge_text + "\n")
+            ctx.log.write(event="knowledge", knowledge=self.params.knowledge, encoder=self.params.text_encoder,
+                          dim=int(self.text_embedding.numel()))
 
     def parameter_groups(self) -> list[dict]:
         """The fusion weights lambda get no weight decay (decay would pull the text branch towards off)."""

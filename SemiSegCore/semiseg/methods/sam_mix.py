@@ -133,7 +133,6 @@ class SliceItem:
 class SamMix(Method):
     name = "sam_mix"
     Params = SamMixParams
-    uses_unlabelled_batches = False
 
     @classmethod
     def params_from(cls, raw):
@@ -283,11 +282,12 @@ class SamMix(Method):
         logits, _ = self.backend.decode_logits(emb, boxes=boxes, masks=dense, multimask=False)
         return logits[:, 0]
 
-    # -- training data: built once from the trainer's cases ------------------------------------------------------
-    def on_step(self, trainer, step: int) -> None:
-        if self.seg_items:
-            return
-        self.build_slices(trainer)
+    # -- training data: built once from the run's cases ----------------------------------------------------------
+    def setup(self, ctx) -> None:
+        self.build_slices(ctx)
+
+    def streams(self, ctx) -> dict:
+        return {}  # batches are drawn from the slice sets
 
     def _slices(self, image: np.ndarray, label: np.ndarray | None, axis: int):
         """(index, (C, H, W) image, (H, W) label) for each slice of a case (a 2D case is one slice)."""
@@ -302,13 +302,13 @@ class SamMix(Method):
         present = torch.tensor([bool((label == k).any()) for k in range(1, self.k + 1)], dtype=torch.float32)
         return SliceItem(f"{case_id}:{index}", pixels, resized_size(*image.shape[-2:], self.input_size), present)
 
-    def build_slices(self, trainer) -> None:
+    def build_slices(self, ctx) -> None:
         """The labelled slices (pixel labels) and the classifier's slices (image-level labels)."""
         from ..io import read_label
 
         axis = self.cfg.train.slice_axis
         foreground = []
-        for case in trainer.labelled:
+        for case in ctx.labelled:
             ax = axis % max(case.image.ndim - 1, 1)
             for i, img, lab in self._slices(case.image, case.label, ax):
                 item = self._item(case.id, i, img, lab)
@@ -323,24 +323,24 @@ class SamMix(Method):
             item.label = self.label_to_input(torch.from_numpy(lab.astype(np.int64)), item.size)
             self.seg_items.append(item)
         if self.needs_unlabelled:  # image-level labels only: each slice's label is reduced to presence flags
-            refs = {c.id: c.reference for c in trainer.manifest.unlabelled}
-            for case in trainer.unlabelled:
+            refs = {c.id: c.reference for c in ctx.manifest.unlabelled}
+            for case in ctx.unlabelled:
                 if not refs.get(case.id):
                     continue
                 ref = np.asarray(read_label(refs[case.id]).array)
                 ax = axis % max(case.image.ndim - 1, 1)
                 for i, img, lab in self._slices(case.image, ref, ax):
                     self.cls_items.append(self._item(case.id, i, img, lab))
-        trainer.log.write(event="sam_mix_slices", labelled_slices=[it.key for it in self.seg_items],
-                          classifier_slices=len(self.cls_items), variant=self.params.variant)
+        ctx.log.write(event="sam_mix_slices", labelled_slices=[it.key for it in self.seg_items],
+                      classifier_slices=len(self.cls_items), variant=self.params.variant)
 
     # -- training ----------------------------------------------------------------------------------------------
     def _draw(self, items: list[SliceItem], n: int) -> list[SliceItem]:
         return [items[i] for i in self.rng.integers(0, len(items), size=n)]
 
-    def training_step(self, labelled: Batch, unlabelled: Batch | None, step: int) -> dict[str, torch.Tensor]:
+    def training_step(self, batches: dict[str, Batch], step: int) -> dict[str, torch.Tensor]:
         if not self.seg_items:
-            raise RuntimeError("SAM-Mix trains through the trainer (its on_step builds the slice sets)")
+            raise RuntimeError("SAM-Mix trains through the trainer (its setup builds the slice sets)")
         p = self.params
         seg = self._draw(self.seg_items, p.seg_batch)
         seg_labels = torch.stack([it.label for it in seg]).to(self.device)

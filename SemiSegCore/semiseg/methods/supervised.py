@@ -15,7 +15,8 @@ class Supervised(Method):
         super().__init__(cfg, device)
         self.net = self.build_network()
 
-    def training_step(self, labelled: Batch, unlabelled: Batch | None, step: int) -> dict[str, torch.Tensor]:
+    def training_step(self, batches: dict[str, Batch], step: int) -> dict[str, torch.Tensor]:
+        labelled = batches["labelled"]
         loss = dice_ce_loss(self.net(labelled.image), labelled.label)
         return {"loss": loss}
 

@@ -253,7 +253,6 @@ def resample_to(x: torch.Tensor, shape: tuple[int, ...], nearest: bool = False) 
 class VerSemi(Method):
     name = "versemi"
     needs_unlabelled = False  # each dataset's unlabelled cases are loaded here, not by the trainer
-    uses_unlabelled_batches = False
     Params = VerSemiParams
 
     def __init__(self, cfg, device):
@@ -309,24 +308,22 @@ class VerSemi(Method):
     def tasks_of(self, dataset: int) -> list[Task]:
         return [t for t in self.tasks if t.dataset == dataset]
 
-    # -- set-up (needs the trainer: its split, run directory and device) ---------------------------------------
-    def on_step(self, trainer, step: int) -> None:
-        if not self._ready:
-            self.setup(trainer)
+    # -- set-up (needs the run: its split and run directory) ----------------------------------------------------
+    def streams(self, ctx) -> dict:
+        """None from the trainer: every dataset has its own patch size, so each keeps its own samplers."""
+        return {}
 
-    def setup(self, trainer) -> None:
+    def setup(self, ctx) -> None:
         """Split and load every dataset (splits of further datasets are kept in the run directory for resume)."""
-        path = Path(trainer.run_dir) / "versemi_manifest.json"
+        path = Path(ctx.run_dir) / "versemi_manifest.json"
         saved = json.loads(path.read_text()) if path.exists() else {}
         t = self.cfg.train
         need_unlabelled = self.stage2_from is not None and self.stage2_from < t.iterations
-        ctx = getattr(trainer, "ctx", None)
-        share = {"rank": getattr(ctx, "rank", 0), "world_size": getattr(ctx, "world_size", 1)}
-        rank = share["rank"]
+        share = {"rank": ctx.rank, "world_size": ctx.world_size}
         for d in self.data:
             if d.index == 0:
-                d.manifest = trainer.manifest
-                d.train_cases, d.val_cases = trainer.labelled, trainer.val
+                d.manifest = ctx.manifest
+                d.train_cases, d.val_cases = ctx.labelled, ctx.val
             else:
                 d.manifest = Manifest.from_json(json.dumps(saved[d.name])) if d.name in saved else d.split()
                 d.train_cases = d.load(d.manifest.labelled, True)
@@ -343,7 +340,7 @@ class VerSemi(Method):
         if need_unlabelled and not any(d.unlabelled_sampler for d in self.data):
             raise ValueError("versemi: stage 2 (versemi.unlabelled_start) needs unlabelled cases, but no dataset has "
                              "any; set versemi.unlabelled_start: null for labelled-only training")
-        if rank == 0 and not saved:
+        if ctx.is_main and not saved:
             from ..utils import atomic_write_text
 
             atomic_write_text(path, json.dumps({d.name: json.loads(d.manifest.to_json()) for d in self.data[1:]}))
@@ -353,7 +350,7 @@ class VerSemi(Method):
                 if state and getattr(d, kind):
                     getattr(d, kind).load_state_dict(state)
         self._ready = True
-        trainer.log.write(event="versemi_data", datasets={
+        ctx.log.write(event="versemi_data", datasets={
             d.name: {"split": d.manifest.summary(), "tasks": {t.name: t.value for t in self.tasks_of(d.index)},
                      "patch": list(d.patch)}
             for d in self.data}, stage2_from=self.stage2_from)
@@ -499,10 +496,10 @@ class VerSemi(Method):
     def in_stage2(self, step: int) -> bool:
         return self.stage2_from is not None and step >= self.stage2_from
 
-    def training_step(self, labelled: Batch, unlabelled: Batch | None, step: int) -> dict[str, torch.Tensor]:
-        # The trainer's own labelled batch (first dataset only) is not used: batches are drawn from every dataset.
+    def training_step(self, batches: dict[str, Batch], step: int) -> dict[str, torch.Tensor]:
+        # No trainer streams (``batches`` is empty): batches are drawn from every dataset's own samplers.
         if not self._ready:
-            raise RuntimeError("versemi: setup(trainer) must run before training (the trainer calls on_step)")
+            raise RuntimeError("versemi: setup(ctx) must run before training (the trainer calls it)")
         p = self.params
         images, labels, owner = self._draw("sampler")
         l_sup = self._supervised(images, labels, owner)
@@ -587,7 +584,7 @@ class VerSemi(Method):
             net = partial(self._single_task_logits, task=t.id)
         return Predictor(net, cfg, self.device)
 
-    def validate(self, trainer) -> dict:
+    def validate(self, ctx) -> dict:
         """Mean validation Dice over every task of every dataset (so best.pt is chosen on all tasks, not LA alone)."""
         self.eval()
         rows = [r for d in self.data for r in self._score(d, dice_only=True)]

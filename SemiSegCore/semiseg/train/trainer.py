@@ -1,5 +1,6 @@
-"""The training loop: iterations over labelled (and unlabelled) patch batches, validation by sliding-window Dice,
-atomic checkpoints, resume, a JSONL log, a tqdm bar, graceful stop on SIGINT/SIGTERM, and torchrun support.
+"""The training loop: iterations over the patch batches a method declares (``Method.streams``), validation by
+sliding-window Dice, atomic checkpoints, resume, a JSONL log, a tqdm bar, graceful stop on SIGINT/SIGTERM, and
+torchrun support. A method sees the run only through the ``TrainingContext`` built here.
 
 The run directory holds ``config.yaml``, ``manifest.json`` (the split, reused on resume), ``log.jsonl``,
 ``checkpoints/last.pt`` and ``best.pt``, and after training ``metrics.csv``, ``summary.json`` and a plot of the
@@ -25,6 +26,7 @@ from ..errors import TrainingError
 from ..evaluate import mean_dice, score_case
 from ..infer import Predictor
 from ..methods import build_method, check_params
+from ..methods.context import TrainingContext
 from ..report import evaluate_cases
 from ..runs import find_checkpoint, load_cases, load_weights
 from ..utils import atomic_torch_save, atomic_write_text, device_name, naming, pick_device, seed_everything, set_threads
@@ -76,17 +78,12 @@ class Trainer:
         if self.method.needs_unlabelled and not self.unlabelled:
             raise ConfigError(f"method '{cfg.method}' needs unlabelled cases but the split has none "
                               f"({self.manifest.summary()})")
-        t = cfg.train
-        seed, share = t.seed * 1000, {"rank": self.ctx.rank, "world_size": self.ctx.world_size}
-        augment = Augmentation.of(t)
-        self.labelled_sampler = PatchSampler(self.labelled, t.patch_size, t.batch_size, seed, augment,
-                                             t.foreground_crop, slice_axis=t.slice_axis, **share)
-        wants_batches = self.method.uses_unlabelled_batches
-        wants_batches = self.method.needs_unlabelled if wants_batches is None else wants_batches
-        self.unlabelled_sampler = None
-        if self.unlabelled and wants_batches:
-            self.unlabelled_sampler = PatchSampler(self.unlabelled, t.patch_size, t.unlabelled_batch_size, seed + 500,
-                                                   augment, slice_axis=t.slice_axis, **share)
+        self.context = TrainingContext(cfg, self.labelled, self.unlabelled, self.val, self.manifest, self.run_dir,
+                                       self.log, self.predictor, self.ctx.rank, self.ctx.world_size, self.quiet,
+                                       self.refresh_stream)
+        self.method.setup(self.context)
+        self.samplers: dict[str, PatchSampler] = {}
+        self._build_streams()
         self.model = dist.wrap(self.method, self.ctx)
         self.optimizer = self._optimizer()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
@@ -127,12 +124,32 @@ class Trainer:
             return t.lr * 0.5 * (1 + math.cos(math.pi * frac))
         return t.lr
 
+    # -- batch streams ------------------------------------------------------------------------------------------
+    def refresh_stream(self, name: str, state: dict | None = None) -> None:
+        """(Re)build the sampler of one stream from the method's current declaration (removed when it declares
+        none of that name), continuing from a checkpointed sampler ``state`` when given."""
+        stream = self.method.streams(self.context).get(name)
+        self.samplers.pop(name, None)
+        if stream is None:
+            return
+        t = self.cfg.train
+        sampler = PatchSampler(stream.cases, t.patch_size, stream.batch_size, t.seed * 1000 + stream.seed,
+                               Augmentation.of(t), stream.foreground_crop, labels=stream.labels,
+                               slice_axis=t.slice_axis, rank=self.ctx.rank, world_size=self.ctx.world_size)
+        if state:
+            sampler.load_state_dict(state)
+        self.samplers[name] = sampler
+
+    def _build_streams(self, states: dict | None = None) -> None:
+        self.samplers = {}
+        for name in self.method.streams(self.context):
+            self.refresh_stream(name, (states or {}).get(name))
+
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def state(self) -> dict:
         return {"method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "step": self.step, "best_dice": self.best_dice,
-                "labelled_sampler": self.labelled_sampler.state_dict(),
-                "unlabelled_sampler": self.unlabelled_sampler.state_dict() if self.unlabelled_sampler else None,
+                "streams": {name: s.state_dict() for name, s in self.samplers.items()},
                 "torch_rng": torch.get_rng_state(), "config": self.cfg.to_dict()}
 
     def save(self, name: str) -> None:
@@ -161,9 +178,10 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.best_dice = float(state["best_dice"])
-        self.labelled_sampler.load_state_dict(state["labelled_sampler"])
-        if self.unlabelled_sampler and state.get("unlabelled_sampler"):
-            self.unlabelled_sampler.load_state_dict(state["unlabelled_sampler"])
+        streams = state.get("streams")
+        if streams is None:  # a checkpoint from before streams: the trainer's two samplers
+            streams = {"labelled": state.get("labelled_sampler"), "unlabelled": state.get("unlabelled_sampler")}
+        self._build_streams(streams)  # after the method's state: its streams may depend on it
         torch.set_rng_state(state["torch_rng"].cpu())
         self.log.write(event="resumed", step=self.step)
         return True
@@ -215,7 +233,7 @@ class Trainer:
                     self.log.write(event="stopped", step=self.step)
                     stop_file.unlink(missing_ok=True)  # so that resuming is not stopped again
                     return {"stopped": True, "step": self.step, "signal": self.stop_signal}
-                self.method.on_step(self, self.step)
+                self.method.on_step(self.context, self.step)
                 losses = self.train_step()
                 self.step += 1
                 bar.update(1)
@@ -238,7 +256,7 @@ class Trainer:
 
     def _validate_and_keep_best(self) -> None:
         if self.is_main and self.val:
-            result = self.method.validate(self) or self.validate()
+            result = self.method.validate(self.context) or self.validate()
             self.log.write(event="val", step=self.step, **result)
             if result["dice"] > self.best_dice:
                 self.best_dice = result["dice"]
@@ -251,13 +269,12 @@ class Trainer:
         lr = self.lr_at(self.step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
-        labelled = self.labelled_sampler.next_batch().to(self.device)
-        unlabelled = self.unlabelled_sampler.next_batch().to(self.device) if self.unlabelled_sampler else None
+        batches = {name: s.next_batch().to(self.device) for name, s in self.samplers.items()}
         with torch.autocast(device_type=self.device.type, enabled=self.amp):
-            losses = self.model(labelled, unlabelled, self.step)
+            losses = self.model(batches, self.step)
         loss = losses["loss"]
         if not torch.isfinite(loss):
-            cases = labelled.case_ids + (unlabelled.case_ids if unlabelled is not None else [])
+            cases = [c for b in batches.values() for c in b.case_ids]
             raise TrainingError(f"loss is {loss.item()} at step {self.step + 1} (batch of cases {', '.join(cases)}): "
                                 f"lower train.lr or check these cases")
         self.optimizer.zero_grad(set_to_none=True)
