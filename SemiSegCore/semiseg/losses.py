@@ -58,3 +58,40 @@ def dice_bce_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1e-5
     t = targets.flatten(1)
     dice = (2 * (probs * t).sum(1) + eps) / (probs.sum(1) + t.sum(1) + eps)
     return F.binary_cross_entropy_with_logits(logits, targets) + (1 - dice).mean()
+
+
+def pooled_dice_loss(prob: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Dice loss on foreground probabilities pooled over everything given (VerSemi's):
+    1 - (2 sum(p g) + eps) / (sum(p^2) + sum(g^2) + eps)."""
+    target = target.float()
+    inter = (prob * target).sum()
+    return 1.0 - (2.0 * inter + eps) / ((prob * prob).sum() + (target * target).sum() + eps)
+
+
+def unified_segmentation_loss(logits: torch.Tensor, peer_probs: torch.Tensor, confidence: float,
+                              reduction: str = "parts") -> torch.Tensor:
+    """Unified Segmentation loss: -log p[argmax q] on voxels where the peer is confident (max q >= tau), the mean
+    squared error over classes, mean_k (p_k - q_k)^2, on the others.
+
+    logits (B, K, *spatial) of the trained network, peer_probs (B, K, *spatial) softmax of the peer (no gradient).
+    ``reduction``: ``parts`` (default) averages the NLL over the confident voxels and the MSE over the other voxels
+    and adds the two (the normalisation of TraCoCo's peer losses, LLM-SegNet's co-training lineage; a part with no
+    voxel counts 0); ``voxel`` averages each voxel's single term over all voxels (the first version: the NLL then
+    shrinks with the share of confident voxels and the MSE with the share of the others).
+    """
+    peer_probs = peer_probs.detach()
+    conf, hard = peer_probs.max(1)
+    confident = (conf >= confidence).to(logits.dtype)
+    nll = F.cross_entropy(logits, hard, reduction="none")
+    mse = (torch.softmax(logits, 1) - peer_probs).pow(2).mean(1)
+    if reduction == "voxel":
+        return (confident * nll + (1 - confident) * mse).mean()
+    if reduction != "parts":
+        raise ValueError(f"reduction must be 'parts' or 'voxel', got '{reduction}'")
+    other = 1 - confident
+    return (confident * nll).sum() / confident.sum().clamp_min(1.0) + (other * mse).sum() / other.sum().clamp_min(1.0)
+
+
+def cross_pseudo_loss(logits: torch.Tensor, peer_probs: torch.Tensor) -> torch.Tensor:
+    """Cross pseudo-supervision (Chen et al. 2021): cross-entropy against the peer's hard labels on every voxel."""
+    return F.cross_entropy(logits, peer_probs.detach().argmax(1))

@@ -10,10 +10,11 @@ import torch
 from semiseg.config import ConfigError, config_from_dict
 from semiseg.data.cases import discover_cases, load_case
 from semiseg.data.sampling import PatchSampler
+from semiseg.losses import cross_pseudo_loss, unified_segmentation_loss
 from semiseg.methods import build_method, check_params
 from semiseg.methods.context import TrainingContext
-from semiseg.methods.llm_segnet import (TextFiLM, TextFusion, cross_pseudo_loss, cutmix_box, mix,
-                                        unified_segmentation_loss)
+from semiseg.mixing import cutmix_box, mix
+from semiseg.models.text_fusion import TextFiLM, TextFusion
 from semiseg.runs import load_predictor
 from semiseg.train import train
 
@@ -182,7 +183,7 @@ def test_text_branch_acts_by_more_than_a_bias(la_dir):
     assert 0.05 < float(start) < 0.5  # the fused term starts small against the bottleneck (measured 0.20; the
     # additive form started at 0.005), but not negligible
     # through a whole text-guided V-Net: the logits move, and gradients reach the text projection and lambda
-    from semiseg.methods.llm_segnet import TextGuidedNet
+    from semiseg.models.text_fusion import TextGuidedNet
 
     guided = TextGuidedNet(net, 384, 0.1)
     out1 = guided(x, t1)

@@ -13,8 +13,10 @@ import torch.nn.functional as F
 import yaml
 
 from semiseg.config import ConfigError, config_from_dict
+from semiseg.losses import pooled_dice_loss
 from semiseg.methods import check_params
-from semiseg.methods.versemi import VerSemi, cube_masks, dice_loss, evaluate_run
+from semiseg.methods.versemi import VerSemi, evaluate_run
+from semiseg.mixing import cube_masks
 from semiseg.models.task_head import TaskPromptedHead
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,8 +30,8 @@ def test_dice_loss_hand_computed():
     g = torch.tensor([1.0, 1.0, 0.0, 0.0])
     # inter = 1.5, sum p^2 = 1 + 0.25 + 0.0625 = 1.3125, sum g^2 = 2
     expected = 1 - (3.0 + 1e-5) / (3.3125 + 1e-5)
-    assert dice_loss(p, g).item() == pytest.approx(expected, rel=1e-6)
-    assert dice_loss(torch.zeros(5), torch.zeros(5)).item() == pytest.approx(0.0)  # both empty: no loss
+    assert pooled_dice_loss(p, g).item() == pytest.approx(expected, rel=1e-6)
+    assert pooled_dice_loss(torch.zeros(5), torch.zeros(5)).item() == pytest.approx(0.0)  # both empty: no loss
 
 
 def test_cube_masks_zero_one_box_per_sample():

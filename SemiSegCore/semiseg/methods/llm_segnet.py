@@ -37,11 +37,12 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..data.sampling import Batch
-from ..losses import dice_ce_loss, sigmoid_rampup
+from ..losses import cross_pseudo_loss, dice_ce_loss, sigmoid_rampup, unified_segmentation_loss
+from ..mixing import cutmix_box, mix
+from ..models.text_fusion import TextGuidedNet
 from .base import Method
 
 
@@ -79,127 +80,6 @@ class LLMSegNetParams:
     """Fraction of each mixed patch taken from the partner image ~ Beta(b, b) (a box with that volume)."""
     predict_with: str = "mean"
     """mean: average of the two networks' softmax; a: network A only."""
-
-
-def unified_segmentation_loss(logits: torch.Tensor, peer_probs: torch.Tensor, confidence: float,
-                              reduction: str = "parts") -> torch.Tensor:
-    """Unified Segmentation loss: -log p[argmax q] on voxels where the peer is confident (max q >= tau), the mean
-    squared error over classes, mean_k (p_k - q_k)^2, on the others.
-
-    logits (B, K, *spatial) of the trained network, peer_probs (B, K, *spatial) softmax of the peer (no gradient).
-    ``reduction``: ``parts`` (default) averages the NLL over the confident voxels and the MSE over the other voxels
-    and adds the two (the normalisation of TraCoCo's peer losses, LLM-SegNet's co-training lineage; a part with no
-    voxel counts 0); ``voxel`` averages each voxel's single term over all voxels (the first version: the NLL then
-    shrinks with the share of confident voxels and the MSE with the share of the others).
-    """
-    peer_probs = peer_probs.detach()
-    conf, hard = peer_probs.max(1)
-    confident = (conf >= confidence).to(logits.dtype)
-    nll = F.cross_entropy(logits, hard, reduction="none")
-    mse = (torch.softmax(logits, 1) - peer_probs).pow(2).mean(1)
-    if reduction == "voxel":
-        return (confident * nll + (1 - confident) * mse).mean()
-    if reduction != "parts":
-        raise ValueError(f"reduction must be 'parts' or 'voxel', got '{reduction}'")
-    other = 1 - confident
-    return (confident * nll).sum() / confident.sum().clamp_min(1.0) + (other * mse).sum() / other.sum().clamp_min(1.0)
-
-
-def cross_pseudo_loss(logits: torch.Tensor, peer_probs: torch.Tensor) -> torch.Tensor:
-    """Cross pseudo-supervision (Chen et al. 2021): cross-entropy against the peer's hard labels on every voxel."""
-    return F.cross_entropy(logits, peer_probs.detach().argmax(1))
-
-
-def cutmix_box(shape: tuple[int, ...], beta: float, device=None) -> torch.Tensor:
-    """A (1, 1, *spatial) 0/1 mask with one random box (1 = take the partner) holding a Beta(beta, beta) share of
-    the volume (same proportion along every axis)."""
-    share = float(torch.distributions.Beta(beta, beta).sample())
-    side = share ** (1.0 / len(shape))
-    mask = torch.zeros((1, 1) + tuple(shape), device=device)
-    box = []
-    for s in shape:
-        n = max(1, int(round(s * side)))
-        start = int(torch.randint(0, s - n + 1, (1,)))
-        box.append(slice(start, start + n))
-    mask[(slice(None), slice(None)) + tuple(box)] = 1.0
-    return mask
-
-
-def mix(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """CutMix each sample with the next one in the batch (a cyclic shift): inside the box, the partner's values."""
-    return x * (1 - mask) + x.roll(1, dims=0) * mask
-
-
-class TextFusion(nn.Module):
-    """F' = F + lambda * Linear(t), broadcast over the bottleneck's spatial grid: a per-channel constant for a given
-    text (``fusion: bias``, the first version; kept for comparison)."""
-
-    def __init__(self, text_dim: int, channels: int, init: float):
-        super().__init__()
-        self.proj = nn.Linear(text_dim, channels)
-        self.weight = nn.Parameter(torch.tensor(float(init)))
-
-    def forward(self, feat: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        t = self.proj(text.to(feat.dtype)).view(1, -1, *([1] * (feat.ndim - 2)))
-        return feat + self.weight * t
-
-
-class TextFiLM(nn.Module):
-    """F' = F + lambda * (gamma(t) * LN(F) + beta(t)) on a bottleneck F (B, C, *spatial).
-
-    LN normalises each voxel's feature vector over the channels (no affine), so the modulation does not depend on
-    the window size at inference. (gamma, beta) = Linear(t / |t|), its weights drawn from N(0, 1) so that for a unit
-    text both have unit scale per channel; with lambda = ``init`` the fused term starts at about ``init`` times the
-    scale of LN(F) (near identity) while every part of it gets gradients from the start. Another text changes F'
-    by lambda ((gamma1 - gamma2) LN(F) + beta1 - beta2): a different amount at every voxel, not a bias."""
-
-    def __init__(self, text_dim: int, channels: int, init: float):
-        super().__init__()
-        self.channels = channels
-        self.proj = nn.Linear(text_dim, 2 * channels)
-        nn.init.normal_(self.proj.weight, std=1.0)
-        nn.init.zeros_(self.proj.bias)
-        self.weight = nn.Parameter(torch.tensor(float(init)))
-
-    def modulation(self, text: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        t = F.normalize(text.to(dtype).flatten(), dim=0)
-        gamma, beta = self.proj(t).split(self.channels)
-        return gamma, beta
-
-    def forward(self, feat: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        gamma, beta = self.modulation(text, feat.dtype)
-        shape = (1, -1) + (1,) * (feat.ndim - 2)
-        normed = F.layer_norm(feat.movedim(1, -1), (feat.shape[1],)).movedim(-1, 1)
-        return feat + self.weight * (gamma.view(shape) * normed + beta.view(shape))
-
-
-class TextGuidedNet(nn.Module):
-    """A network whose bottleneck (``models.bottleneck``: the V-Net's last encoder stage or the strided U-Net's
-    bottom block) is fused with a text embedding (passed in, shared by both networks). The fusion runs as a forward
-    hook on that block, so the network itself is unchanged (its ``net.*`` weights are a supervised run's)."""
-
-    def __init__(self, net: nn.Module, text_dim: int, fusion_init: float, fusion: str = "film"):
-        super().__init__()
-        from ..models import bottleneck
-
-        self.net = net
-        block, channels = bottleneck(net)
-        kind = {"film": TextFiLM, "bias": TextFusion}[fusion]
-        self.fusion = kind(text_dim, channels, fusion_init)
-        self._text: torch.Tensor | None = None
-        block.register_forward_hook(self._fuse)
-
-    def _fuse(self, block: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
-        if self._text is None:
-            raise RuntimeError("TextGuidedNet: call it with the text embedding, not its inner network")
-        return self.fusion(output, self._text)
-
-    def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        self._text = text
-        try:
-            return self.net(x)
-        finally:
-            self._text = None
 
 
 TEXT_MODELS = ("vnet", "strided_unet3d", "strided_unet2d")

@@ -50,6 +50,8 @@ from ..config import ConfigError, build_dataclass
 from ..data.cases import LoadedCase, Manifest, discover_cases, load_case, make_manifest
 from ..data.sampling import Augmentation, Batch, PatchSampler
 from ..evaluate import mean_dice, score_case
+from ..losses import pooled_dice_loss
+from ..mixing import cube_masks
 from ..models.task_head import TaskPromptedHead
 from .base import Method
 
@@ -209,31 +211,6 @@ class _Data:
 
     def load(self, cases, with_label: bool) -> list[LoadedCase]:
         return [load_case(c, self.intensity, self.num_classes, with_label=with_label) for c in cases]
-
-
-def dice_loss(prob: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """VerSemi's Dice loss on foreground probabilities, pooled over everything given:
-    1 - (2 sum(p g) + eps) / (sum(p^2) + sum(g^2) + eps)."""
-    target = target.float()
-    inter = (prob * target).sum()
-    return 1.0 - (2.0 * inter + eps) / ((prob * prob).sum() + (target * target).sum() + eps)
-
-
-def cube_masks(n: int, patch, ratio, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-    """(n, *patch) masks: 1 everywhere except a zero box of side floor(ratio * side) per axis at a random
-    position (one per sample); ``ratio`` is a number or a (low, high) range to draw from."""
-    masks = torch.ones((n, *patch), device=device)
-    for i in range(n):
-        r = ratio
-        if isinstance(ratio, (list, tuple)):
-            r = float(ratio[0] + (ratio[1] - ratio[0]) * torch.rand((), generator=generator))
-        sl = []
-        for side in patch:
-            size = max(int(side * r), 1)
-            start = int(torch.randint(0, side - size + 1, (), generator=generator))
-            sl.append(slice(start, start + size))
-        masks[(i, *sl)] = 0
-    return masks
 
 
 def resample_to(x: torch.Tensor, shape: tuple[int, ...], nearest: bool = False) -> torch.Tensor:
@@ -438,7 +415,7 @@ class VerSemi(Method):
             sel = [k for k, tk in enumerate(tasks) if tk == t]
             lg = torch.cat([logits[k].reshape(logits[k].shape[0], -1) for k in sel], 1)  # (2, voxels)
             tg = torch.cat([targets[k].reshape(-1) for k in sel])
-            loss = dice_loss(torch.softmax(lg, 0)[1], tg)
+            loss = pooled_dice_loss(torch.softmax(lg, 0)[1], tg)
             if ce:
                 loss = loss + F.cross_entropy(lg.t(), tg.long())
             losses.append(loss)
@@ -487,7 +464,7 @@ class VerSemi(Method):
                 targets.append(target)
         logits = self._prompts(mixes, requests)
         syn = [torch.softmax(lg, 0)[1].flatten() for lg, (_, t) in zip(logits, requests) if t == self.synthetic]
-        l_chaos = dice_loss(torch.cat(syn), torch.cat([u.flatten() for u in unions]))
+        l_chaos = pooled_dice_loss(torch.cat(syn), torch.cat([u.flatten() for u in unions]))
         if not specific:
             return l_chaos, None
         spec = [(lg, t) for lg, (_, t) in zip(logits, requests) if t != self.synthetic]
@@ -526,8 +503,8 @@ class VerSemi(Method):
         aggregate = [torch.stack(probs[j * per: j * per + per - 1]).amax(0).clamp(0, 1) for j in range(n)]
         if p.detach_aggregate:
             aggregate = [a.detach() for a in aggregate]
-        l_unl = dice_loss(torch.cat([s.flatten() for s in syn]), torch.cat([a.flatten() for a in aggregate]))
-        l_cube = dice_loss(torch.cat([(s * (1 - m)).flatten() for s, m in zip(syn, masks)]),
+        l_unl = pooled_dice_loss(torch.cat([s.flatten() for s in syn]), torch.cat([a.flatten() for a in aggregate]))
+        l_cube = pooled_dice_loss(torch.cat([(s * (1 - m)).flatten() for s, m in zip(syn, masks)]),
                            torch.cat([(y * (1 - m)).flatten() for y, m in zip(cube_labels, masks)]))
         loss = l_sup + l_chaos_sup + p.unlabelled_weight * l_unl + l_cube
         return {"loss": loss, "sup": l_sup.detach(), "chaos": l_chaos_sup.detach(), "unl": l_unl.detach(),
