@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .cases import LoadedCase
+from .resample import resample_image, resample_label
 
 
 def _rotation_plane(patch: tuple[int, ...]) -> tuple[int, int] | None:
@@ -60,19 +60,6 @@ class Augmentation:
     @property
     def any(self) -> bool:
         return self.flips or self.scale > 0 or self.intensity > 0
-
-
-def _resize(arr: np.ndarray, shape: tuple[int, ...], mode: str) -> np.ndarray:
-    """Resize the trailing spatial axes of a channels-first array (or of a label with ``mode='nearest-exact'``)."""
-    t = torch.from_numpy(np.ascontiguousarray(arr))
-    t = t[None] if mode != "nearest-exact" else t[None, None]
-    if mode == "linear":
-        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(shape)]
-        out = F.interpolate(t.float(), size=shape, mode=mode, align_corners=False)
-    else:
-        out = F.interpolate(t.float(), size=shape, mode=mode)
-    out = out[0] if arr.ndim == len(shape) + 1 else out[0, 0]
-    return out.numpy().astype(arr.dtype, copy=False)
 
 
 @dataclass
@@ -154,8 +141,8 @@ class PatchSampler:
         img = image[(slice(None),) + sl]
         lab = label[sl] if label is not None else None
         if crop != self.patch:
-            img = _resize(img, self.patch, "linear")
-            lab = None if lab is None else _resize(lab, self.patch, "nearest-exact")
+            img = resample_image(img, self.patch).astype(img.dtype, copy=False)
+            lab = None if lab is None else resample_label(lab, self.patch)
         if self.augment.flips:
             img, lab = self._flip(img, lab)
         if self.augment.intensity > 0:
