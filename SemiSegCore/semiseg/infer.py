@@ -46,11 +46,13 @@ def sliding_window_probs(net: Callable[[torch.Tensor], torch.Tensor], image: np.
 
 class Predictor:
     """Runs a trained network on whole images: normalisation, resampling to the working grid
-    (``data.target_spacing``), sliding window, and probabilities resampled back to the image's own grid."""
+    (``data.target_spacing``), sliding window, and probabilities resampled back to the image's own grid. With
+    ``whole_image`` the window is each whole image (or slice): for networks that resize their input themselves."""
 
     def __init__(self, net: Callable[[torch.Tensor], torch.Tensor], config, device, run_dir: str | None = None,
-                 checkpoint: str | None = None):
+                 checkpoint: str | None = None, whole_image: bool = False):
         self.net = net
+        self.whole_image = whole_image
         self.config = config
         self.device = device
         self.run_dir = run_dir
@@ -59,6 +61,10 @@ class Predictor:
     @property
     def patch_size(self):
         return self.config.infer.patch_size or self.config.train.patch_size
+
+    def window(self, spatial) -> list[int]:
+        """The sliding window for an image (or slice) of this spatial shape."""
+        return list(spatial) if self.whole_image else list(self.patch_size)
 
     def prepare(self, image: Image) -> np.ndarray:
         """The image as the network takes it: channels first, normalised, on the working grid."""
@@ -80,11 +86,12 @@ class Predictor:
         if arr.ndim - 1 == len(self.patch_size) + 1:
             axis = self.config.train.slice_axis % (arr.ndim - 1) + 1
             stack = np.moveaxis(arr, axis, 0)  # (N, C, *2D)
-            chunks = [sliding_window_probs(self.net, stack[i:i + 32], self.patch_size, self.config.infer.overlap,
-                                           self.device, 32, amp=self.config.train.amp, multiple=multiple)
+            window = self.window(stack.shape[2:])
+            chunks = [sliding_window_probs(self.net, stack[i:i + 32], window, self.config.infer.overlap, self.device,
+                                           32, amp=self.config.train.amp, multiple=multiple)
                       for i in range(0, len(stack), 32)]
             return np.moveaxis(np.concatenate(chunks), 0, axis)
-        return sliding_window_probs(self.net, arr, self.patch_size, self.config.infer.overlap, self.device,
+        return sliding_window_probs(self.net, arr, self.window(arr.shape[1:]), self.config.infer.overlap, self.device,
                                     self.config.infer.batch_size, amp=self.config.train.amp, multiple=multiple)
 
     def predict(self, image: Image) -> np.ndarray:

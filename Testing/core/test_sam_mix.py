@@ -186,6 +186,7 @@ def test_frozen_encoder_stays_in_eval_mode_and_predict_matches_in_run_validation
     mode, a training step must leave its running statistics alone, and a reloaded run (``semiseg predict``) must
     predict what in-run validation predicts, on a real LA 2018 axial slice. Frozen encoder with cached embeddings
     (the benchmark setting); the cache is cleared before reloading so that it cannot hide a difference."""
+    from semiseg.infer import Predictor
     from semiseg.methods import sam_mix
     from semiseg.runs import load_predictor
     from semiseg.train.trainer import Trainer
@@ -218,6 +219,14 @@ def test_frozen_encoder_stays_in_eval_mode_and_predict_matches_in_run_validation
     sl = case.image[..., k:k + 1]
     m.eval()  # in-run validation: Trainer.validate's predictor
     ours = trainer.predictor().predict_array(sl)
+    seen = []  # a slice larger than SAM's input reaches the network whole, as in training, not in 256 windows
+
+    def recording(x):
+        seen.append(tuple(x.shape[-2:]))
+        return m.predict_logits(x)
+    big = np.pad(sl, [(0, 0), (0, 300 - sl.shape[1]), (0, 300 - sl.shape[2]), (0, 0)], mode="edge")
+    Predictor(recording, cfg, m.device, whole_image=m.whole_image_inference).predict_array(big)
+    assert seen == [(300, 300)]
     sam_mix._EMBEDDINGS.clear()
     again = load_predictor(tmp_path / "run", device="cpu").predict_array(sl)
     assert ours.shape == (2,) + sl.shape[1:]

@@ -24,6 +24,9 @@ class Method(nn.Module):
     needs_unlabelled: bool = False
     """Load the unlabelled cases (``ctx.unlabelled``); by default also draw an ``unlabelled`` batch every step."""
     Params = NoParams
+    whole_image_inference: bool = False
+    """``predict_logits`` takes whole images (or slices) and resizes them itself, so the predictor gives it one
+    window per image instead of sliding windows of ``infer.patch_size``."""
 
     def __init__(self, cfg: Config, device: torch.device):
         super().__init__()

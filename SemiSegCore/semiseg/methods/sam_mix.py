@@ -133,6 +133,7 @@ class SliceItem:
 class SamMix(Method):
     name = "sam_mix"
     Params = SamMixParams
+    whole_image_inference = True  # every variant resizes whole slices to SAM's input, in training as in inference
 
     @classmethod
     def params_from(cls, raw):

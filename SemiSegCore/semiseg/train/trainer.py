@@ -188,7 +188,8 @@ class Trainer:
 
     # -- validation -----------------------------------------------------------------------------------------------
     def predictor(self) -> Predictor:
-        return Predictor(self.method.predict_logits, self.cfg, self.device)
+        return Predictor(self.method.predict_logits, self.cfg, self.device,
+                         whole_image=self.method.whole_image_inference)
 
     def validate(self) -> dict:
         """Mean foreground Dice over the validation cases (per label and overall), scored as ``semiseg predict``
