@@ -85,6 +85,26 @@ def test_cache_hits_lru_bound_and_identical_slices():
     assert cache.get("a") is None and cache.get("b") == 2 and (cache.hits, cache.misses) == (1, 1)
 
 
+def test_embedding_cache_on_disk_is_shared_between_caches(tmp_path):
+    """With a directory, a put embedding survives clearing memory and is found by another cache (another run)
+    reading the same folder, bit for bit; without one, nothing is written."""
+    import torch
+
+    from semiseg.sam.backends import Embedding
+
+    emb = Embedding(torch.randn(1, 8, 4, 4), (30, 40), (24, 32))
+    cache = SliceEmbeddingCache(4, directory=tmp_path / "emb")
+    cache.put("backend:slice", emb)
+    cache.clear()
+    for reader in (cache, SliceEmbeddingCache(4, directory=tmp_path / "emb")):
+        got = reader.get("backend:slice")
+        assert torch.equal(got.features, emb.features)
+        assert (got.original_size, got.resized_size) == ((30, 40), (24, 32))
+    assert cache.get("backend:other") is None and len(list((tmp_path / "emb").iterdir())) == 1
+    SliceEmbeddingCache(4).put("x", emb)
+    assert len(list((tmp_path / "emb").iterdir())) == 1
+
+
 def test_overlaps_go_to_the_higher_score_and_errors():
     backend = SegmentAnythingBackend(model=tiny_sam(), device="cpu")
     engine = SamEngine(backend)

@@ -29,6 +29,7 @@ Only the trainable parts are checkpointed (adapters, decoder, classifier); the b
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -88,6 +89,9 @@ class SamMixParams:
     """Reference boxes move each side by up to this fraction of the box size."""
     embedding_cache: int = 512
     """Embeddings kept in memory (only with a frozen encoder); shared by the runs of one process."""
+    embedding_dir: str | None = None
+    """A folder that also keeps every frozen-encoder embedding on disk (4 MB per slice, keyed by the backend and
+    the slice's content), so that runs on the same slices (seeds, variants, validation, test) encode each once."""
 
 
 # ---------------------------------------------------------------------------------------------------- prompts
@@ -183,6 +187,10 @@ class SamMix(Method):
             for q in self.sam.mask_decoder.parameters():
                 q.requires_grad_(True)
         _EMBEDDINGS.max_items = p.embedding_cache
+        if p.embedding_dir and not self.backend.checkpoint_sha256:
+            raise ConfigError(f"sam_mix.embedding_dir: the {p.backend} backend's weights have no checksum, so "
+                              "embeddings on disk could not be told apart from another network's")
+        _EMBEDDINGS.directory = Path(p.embedding_dir) if p.embedding_dir else None
         with torch.no_grad():
             channels = self.backend.encode(torch.zeros(1, 3, self.input_size, self.input_size, device=device))
         self.emb_size = channels.shape[-1]
@@ -262,7 +270,7 @@ class SamMix(Method):
             for j, i in enumerate(todo):
                 found[i] = Embedding(features[j:j + 1], *sizes[j])
                 _EMBEDDINGS.put(keys[i], found[i])
-        return torch.cat([e.features for e in found])
+        return torch.cat([e.features.to(self.device) for e in found])
 
     def cam_boxes(self, emb: torch.Tensor, sizes: list[tuple[int, int]]) -> tuple[np.ndarray, torch.Tensor]:
         """CAM boxes (B, K, 4) in the input frame and the CAMs (B, K, h, w)."""

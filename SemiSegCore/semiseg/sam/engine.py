@@ -76,16 +76,28 @@ def content_key(arr: np.ndarray) -> str:
 
 class SliceEmbeddingCache:
     """Least-recently-used image-slice embeddings in memory, at most ``max_items``, keyed by slice content (and the
-    backend). (Text embeddings are cached on disk by :class:`semiseg.knowledge.TextEmbeddingCache`.)"""
+    backend). With a ``directory`` every embedding is also kept on disk, one file per key, so that runs sharing a
+    frozen encoder (seeds, settings, validation and test) compute each slice once. (Text embeddings are cached on
+    disk by :class:`semiseg.knowledge.TextEmbeddingCache`.)"""
 
-    def __init__(self, max_items: int = 32):
+    def __init__(self, max_items: int = 32, directory: str | Path | None = None):
         self.max_items = max_items
+        self.directory = None if directory is None else Path(directory)
         self._items: OrderedDict[str, Embedding] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
+    def _file(self, key: str) -> Path:
+        return self.directory / f"{hashlib.sha256(key.encode()).hexdigest()}.pt"
+
     def get(self, key: str) -> Embedding | None:
         item = self._items.get(key)
+        if item is None and self.directory is not None and self._file(key).exists():
+            import torch
+
+            saved = torch.load(self._file(key), map_location="cpu", weights_only=True)
+            item = Embedding(saved["features"], tuple(saved["original_size"]), tuple(saved["resized_size"]))
+            self._remember(key, item)
         if item is None:
             self.misses += 1
             return None
@@ -94,6 +106,15 @@ class SliceEmbeddingCache:
         return item
 
     def put(self, key: str, value: Embedding) -> None:
+        if self.directory is not None and not self._file(key).exists():
+            from ..utils import atomic_torch_save
+
+            self.directory.mkdir(parents=True, exist_ok=True)
+            atomic_torch_save({"features": value.features.detach().cpu(), "original_size": list(value.original_size),
+                               "resized_size": list(value.resized_size)}, self._file(key))
+        self._remember(key, value)
+
+    def _remember(self, key: str, value: Embedding) -> None:
         if self.max_items <= 0:
             return
         self._items[key] = value
@@ -105,6 +126,7 @@ class SliceEmbeddingCache:
         return len(self._items)
 
     def clear(self) -> None:
+        """Forget the embeddings held in memory (those on disk stay)."""
         self._items.clear()
 
 
