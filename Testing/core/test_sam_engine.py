@@ -92,9 +92,12 @@ def test_embedding_cache_on_disk_is_shared_between_caches(tmp_path):
 
     from semiseg.sam.backends import Embedding
 
-    emb = Embedding(torch.randn(1, 8, 4, 4), (30, 40), (24, 32))
+    batch = torch.randn(16, 8, 4, 4)
+    emb = Embedding(batch[3:4], (30, 40), (24, 32))  # one slice of a batch, as the encoder returns it
     cache = SliceEmbeddingCache(4, directory=tmp_path / "emb")
     cache.put("backend:slice", emb)
+    (saved,) = (tmp_path / "emb").iterdir()
+    assert saved.stat().st_size < 2 * emb.features.numel() * 4 + 2000  # the slice only, not the batch it came from
     cache.clear()
     for reader in (cache, SliceEmbeddingCache(4, directory=tmp_path / "emb")):
         got = reader.get("backend:slice")

@@ -110,7 +110,8 @@ class SliceEmbeddingCache:
             from ..utils import atomic_torch_save
 
             self.directory.mkdir(parents=True, exist_ok=True)
-            atomic_torch_save({"features": value.features.detach().cpu(), "original_size": list(value.original_size),
+            features = value.features.detach().cpu().clone()  # a copy: a view would save its whole batch's storage
+            atomic_torch_save({"features": features, "original_size": list(value.original_size),
                                "resized_size": list(value.resized_size)}, self._file(key))
         self._remember(key, value)
 
