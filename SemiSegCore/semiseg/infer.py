@@ -58,6 +58,13 @@ class Predictor:
         self.run_dir = run_dir
         self.checkpoint = checkpoint
 
+    @classmethod
+    def of(cls, method, config=None, **kwargs) -> "Predictor":
+        """The predictor of a trained method (``semiseg.methods.Method``): its ``predict_logits``, on the method's
+        device, with whole-image windows where the method asks for them."""
+        return cls(method.predict_logits, config or method.cfg, method.device,
+                   whole_image=method.whole_image_inference, **kwargs)
+
     @property
     def patch_size(self):
         return self.config.infer.patch_size or self.config.train.patch_size

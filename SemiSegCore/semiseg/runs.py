@@ -75,5 +75,4 @@ def load_method(run_dir: str | Path, which: str = "best", device: str = "auto"):
 def load_predictor(run_dir: str | Path, which: str = "best", device: str = "auto") -> Predictor:
     """The predictor of a run directory (``config.yaml`` + ``checkpoints/best.pt``, falling back to ``last.pt``)."""
     method, ckpt = load_method(run_dir, which, device)
-    return Predictor(method.predict_logits, method.cfg, method.device, run_dir=str(run_dir), checkpoint=str(ckpt),
-                     whole_image=method.whole_image_inference)
+    return Predictor.of(method, run_dir=str(run_dir), checkpoint=str(ckpt))

@@ -188,8 +188,7 @@ class Trainer:
 
     # -- validation -----------------------------------------------------------------------------------------------
     def predictor(self) -> Predictor:
-        return Predictor(self.method.predict_logits, self.cfg, self.device,
-                         whole_image=self.method.whole_image_inference)
+        return Predictor.of(self.method, self.cfg)
 
     def validate(self) -> dict:
         """Mean foreground Dice over the validation cases (per label and overall), scored as ``semiseg predict``
