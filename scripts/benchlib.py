@@ -217,7 +217,10 @@ def case_values(info: dict, metric_name: str = "dice", label: str = "1") -> dict
 
 def over_seeds(infos: list[dict], metric_name: str = "dice", label: str | None = None) -> tuple[float, float]:
     """Mean and standard deviation over seeds of the test-split mean."""
-    values = [metric(i["test_summary"], metric_name, label) for i in infos]
+    return mean_std([metric(i["test_summary"], metric_name, label) for i in infos])
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
     return float(sum(values) / len(values)), float(_std(values))
 
 

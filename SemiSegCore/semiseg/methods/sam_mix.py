@@ -399,25 +399,83 @@ class SamMix(Method):
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, K, H, W) for slices (B, C, H, W): background 0, structure k its mask logit, or
         ``NEGATIVE_LOGIT`` where the classifier finds it absent. Prompts come from the model's own CAMs."""
+        return self.slice_logits(x)
+
+    def slice_logits(self, x: torch.Tensor, present: torch.Tensor | None = None,
+                     boxes: np.ndarray | None = None) -> torch.Tensor:
+        """``predict_logits`` with prompts that may come from elsewhere: ``present`` (B, K-1) bool replaces the
+        classifier's verdicts, ``boxes`` (B, K-1, 4, input frame) the CAM boxes (``prompt_sources`` uses the
+        reference's to measure how much of the error each prompt causes)."""
         h, w = x.shape[-2:]
         pixels = self.to_uint8(x.float())
         size = resized_size(h, w, self.input_size)
         s = self.input_size
         if self.params.variant == "unet":
             logits = self.unet(input_frame(pixels, s, device=self.device)[0])
-        else:
-            emb = self.embed(pixels)
-            probs = torch.sigmoid(self.classifier(emb))
-            boxes, cams = self.cam_boxes(emb, [size] * len(x))
-            masks = torch.full((len(x), self.k, s, s), NEGATIVE_LOGIT, device=x.device)
-            for b in range(len(x)):
-                ks = [k for k in range(self.k) if probs[b, k] >= self.params.cls_threshold]
-                if ks:
-                    box_t = torch.tensor(boxes[b, ks], dtype=torch.float32, device=self.device)
-                    masks[b, ks] = self.decode(emb[b:b + 1], box_t, cams[b, ks] if self.params.mask_prompt
-                                               else None).to(masks.dtype)
-            logits = torch.cat([torch.zeros_like(masks[:, :1]), masks], 1)
+            return crop_to_slice(logits, (h, w), size)
+        emb = self.embed(pixels)
+        if present is None:
+            present = torch.sigmoid(self.classifier(emb)) >= self.params.cls_threshold
+        cam_boxes, cams = self.cam_boxes(emb, [size] * len(x))
+        boxes = cam_boxes if boxes is None else boxes
+        masks = torch.full((len(x), self.k, s, s), NEGATIVE_LOGIT, device=x.device)
+        for b in range(len(x)):
+            ks = [k for k in range(self.k) if present[b, k]]
+            if ks:
+                box_t = torch.tensor(boxes[b, ks], dtype=torch.float32, device=self.device)
+                masks[b, ks] = self.decode(emb[b:b + 1], box_t, cams[b, ks] if self.params.mask_prompt
+                                           else None).to(masks.dtype)
+        logits = torch.cat([torch.zeros_like(masks[:, :1]), masks], 1)
         return crop_to_slice(logits, (h, w), size)
 
     def parameter_groups(self) -> list[dict]:
         return [{"params": [q for q in self.parameters() if q.requires_grad]}]
+
+
+# ---------------------------------------------------------------------------------------------------- diagnosis
+
+PROMPT_SOURCES = {
+    "model": "the model's own classifier verdicts and CAM boxes (as it predicts)",
+    "true_presence": "reference presence per slice, the model's CAM boxes",
+    "true_boxes": "reference presence and reference boxes (the decoder's upper bound)",
+}
+
+
+def prompt_sources(method: SamMix, cases, batch: int = 16) -> list[dict]:
+    """Where a SAM-Mix model's error comes from: each loaded case (``LoadedCase``, with its label) segmented slice
+    by slice with each of ``PROMPT_SOURCES``, scored on the working grid (argmax and the configured clean-up, as
+    ``semiseg predict``). One row per case: ``case`` and the mean Dice over structures for each source."""
+    from ..evaluate import labels_from
+    from ..metrics import dice_score
+
+    if method.params.variant == "unet":
+        raise ValueError("prompt_sources needs a SAM variant (sam_mix or frozen_sam), not the unet baseline")
+    method.eval()
+    rows = []
+    for case in cases:
+        if case.label is None:
+            raise ValueError(f"case {case.id}: prompt_sources needs its reference label")
+        axis = method.cfg.train.slice_axis % (case.image.ndim - 1)
+        images = np.moveaxis(case.image, axis + 1, 0)  # (N, C, H, W)
+        labels = np.moveaxis(case.label, axis, 0)  # (N, H, W)
+        size = resized_size(*images.shape[-2:], method.input_size)
+        probs = {source: [] for source in PROMPT_SOURCES}
+        for i in range(0, len(images), batch):
+            x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch])).to(method.device)
+            lab = torch.from_numpy(np.ascontiguousarray(labels[i:i + batch]).astype(np.int64))
+            present = torch.stack([(lab == k + 1).flatten(1).any(1) for k in range(method.k)], 1)
+            boxes = np.zeros((len(x), method.k, 4), dtype=np.float32)
+            for b, k in zip(*np.nonzero(present.numpy())):
+                boxes[b, k] = box_from_mask(method.label_to_input(lab[b], size).numpy() == k + 1)
+            prompts = {"model": {}, "true_presence": {"present": present},
+                       "true_boxes": {"present": present, "boxes": boxes}}
+            with torch.no_grad():
+                for source, given in prompts.items():
+                    probs[source].append(torch.softmax(method.slice_logits(x, **given), 1).cpu().numpy())
+        row = {"case": case.id}
+        structures = [k for k in range(1, method.k + 1) if (case.label == k).any()]
+        for source, parts in probs.items():
+            pred = labels_from(np.moveaxis(np.concatenate(parts), 0, axis + 1), method.cfg)
+            row[source] = float(np.mean([dice_score(pred == k, case.label == k) for k in structures]))
+        rows.append(row)
+    return rows
