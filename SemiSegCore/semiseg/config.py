@@ -267,15 +267,20 @@ def config_from_dict(raw: dict) -> Config:
     dims = spatial_dims_of(cfg.model.name)
     if len(cfg.train.patch_size) != dims:
         raise ConfigError(f"config key 'train.patch_size' must have {dims} values for model '{cfg.model.name}'")
-    if cfg.data.target_spacing is not None:
-        values = cfg.data.target_spacing
-        values = values if isinstance(values, list) else [values]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values):
-            raise ConfigError(f"config key 'data.target_spacing' must be positive millimetres, got {values}")
+    check_spacing(cfg.data.target_spacing, "data.target_spacing")
     if cfg.train.threads < 0:
         raise ConfigError(f"config key 'train.threads' must be >= 0 (0: all cores), got {cfg.train.threads}")
     check_values(cfg)
     return cfg
+
+
+def check_spacing(value, key: str) -> None:
+    """A target spacing: None, or positive millimetres (one for every axis, or one per axis)."""
+    if value is None:
+        return
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values):
+        raise ConfigError(f"config key '{key}' must be positive millimetres, got {values}")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

@@ -69,9 +69,9 @@ def test_task_head_is_a_per_sample_dynamic_convolution():
 
 def _raw(tmp_path: Path | None = None) -> dict:
     raw = yaml.safe_load((REPO / "Resources/configs/versemi_la_acdc.yaml").read_text())
-    raw["data"].update(root=str(DATA / "la2018"), max_cases=5, labelled=2, val=1, unlabelled=2)
+    raw["data"].update(root=str(DATA / "la2018"), max_cases=5, labelled=2, val=1, unlabelled=2, target_spacing=1.25)
     raw["versemi"]["datasets"][1].update(root=str(DATA / "acdc"), max_cases=6, labelled=2, val=1, unlabelled=2,
-                                         patch_size=[16, 32, 32])
+                                         patch_size=[16, 32, 32], target_spacing=[10, 2, 2])
     raw["model"]["features"] = 4
     raw["train"].update(iterations=4, patch_size=[16, 32, 32], batch_size=1, unlabelled_batch_size=1, val_every=4,
                         checkpoint_every=2, augment=True)
@@ -103,6 +103,7 @@ def test_needs_a_vnet():
 
 @needs_data
 def test_two_datasets_both_stages_resume_and_per_task_evaluation(tmp_path):
+    from semiseg.data.resample import working_shape
     from semiseg.io import read_image
     from semiseg.train.trainer import Trainer
 
@@ -143,6 +144,13 @@ def test_two_datasets_both_stages_resume_and_per_task_evaluation(tmp_path):
 
     acdc = second.method.data[1]
     image = read_image(acdc.manifest.val[0].image)
+    # each dataset has its own working grid (LA data.target_spacing, ACDC its own), in training as in predict
+    la_image = read_image(second.manifest.val[0].image)
+    la_grid = second.method.predictor("la2018").prepare(la_image).shape[1:]
+    assert la_grid == second.method.data[0].val_cases[0].image.shape[1:] != la_image.spatial_shape
+    acdc_grid = second.method.predictor("acdc").prepare(image).shape[1:]
+    assert acdc_grid == acdc.val_cases[0].image.shape[1:] == working_shape(image.spatial_shape, image.spacing,
+                                                                            [10, 2, 2])
     seg = second.method.predictor("acdc").segment(image)
     assert seg.spatial_shape == image.spatial_shape and seg.spacing == image.spacing
     assert set(np.unique(seg.array)) <= {0, 1, 2, 3}

@@ -40,13 +40,13 @@ import json
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError, build_dataclass
+from ..config import ConfigError, build_dataclass, check_spacing
 from ..data.cases import LoadedCase, Manifest, discover_cases, load_case, make_manifest
 from ..data.sampling import Augmentation, Batch, PatchSampler
 from ..evaluate import mean_dice, score_case
@@ -80,6 +80,9 @@ class DatasetSpec:
     group_pattern: Optional[str] = None
     """Keeps a group's cases (e.g. one patient's frames) in one set; see data.group_pattern."""
     intensity: Optional[str] = None
+    target_spacing: Optional[Union[float, list]] = None
+    """This dataset's working grid in mm, as data.target_spacing (default: its own grid; the first dataset's is
+    data.target_spacing). Predictions are resampled back to each image's own grid."""
     batch_size: Optional[int] = None
     """Labelled patches of this dataset per step (default: train.batch_size)."""
     patch_size: Optional[list] = None
@@ -145,6 +148,7 @@ class VerSemiParams:
                                       f"section; set '{bad[0]}' under {home}: instead")
             elif not spec.root:
                 raise ConfigError(f"config key '{where}.root' is required")
+            check_spacing(spec.target_spacing, f"{where}.target_spacing")
             for key in ("patch_size", "infer_patch_size"):
                 value = getattr(spec, key)
                 if value is not None and (not isinstance(value, list) or len(value) != 3
@@ -190,6 +194,7 @@ class _Data:
         self.max_cases = pick(spec.max_cases, d.max_cases)
         self.group_pattern = spec.group_pattern if spec.root else d.group_pattern
         self.intensity = pick(spec.intensity, d.intensity)
+        self.target_spacing = spec.target_spacing if spec.root else d.target_spacing
         self.batch_size = pick(spec.batch_size, t.batch_size)
         self.patch = tuple(spec.patch_size or t.patch_size)
         default_window = cfg.infer.patch_size or t.patch_size
@@ -210,7 +215,8 @@ class _Data:
                              self.seed, self.max_cases, group_pattern=self.group_pattern)
 
     def load(self, cases, with_label: bool) -> list[LoadedCase]:
-        return [load_case(c, self.intensity, self.num_classes, with_label=with_label) for c in cases]
+        return [load_case(c, self.intensity, self.num_classes, with_label=with_label,
+                          target_spacing=self.target_spacing) for c in cases]
 
 
 def resample_to(x: torch.Tensor, shape: tuple[int, ...], nearest: bool = False) -> torch.Tensor:
@@ -548,7 +554,8 @@ class VerSemi(Method):
 
         d = self.data[self.dataset_index(dataset) if isinstance(dataset, str) else dataset]
         cfg = copy.deepcopy(self.cfg)
-        cfg.data = replace(cfg.data, root=d.root, intensity=d.intensity, num_classes=d.num_classes)
+        cfg.data = replace(cfg.data, root=d.root, intensity=d.intensity, num_classes=d.num_classes,
+                           target_spacing=d.target_spacing)
         cfg.infer = replace(cfg.infer, largest_component=d.largest_component, patch_size=list(d.infer_patch))
         if task is None:
             net = partial(self.structure_logits, dataset=d.index)
