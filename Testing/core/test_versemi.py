@@ -105,6 +105,7 @@ def test_needs_a_vnet():
 def test_two_datasets_both_stages_resume_and_per_task_evaluation(tmp_path):
     from semiseg.data.resample import working_shape
     from semiseg.io import read_image
+    from semiseg.runs import load_predictor
     from semiseg.train.trainer import Trainer
 
     cfg = config_from_dict(_raw())
@@ -137,6 +138,12 @@ def test_two_datasets_both_stages_resume_and_per_task_evaluation(tmp_path):
     stage2 = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     last = [r for r in stage2 if r["event"] == "train"][-1]
     assert last["step"] == 4 and {"unl", "cube"} <= set(last)  # stage 2 ran
+
+    # the trainer's reports and `semiseg predict --run` read the predictions as validation does: LA's clean-up
+    # (versemi.datasets[0].largest_component) although infer.largest_component is false
+    assert not cfg.infer.largest_component
+    assert second.predictor().config.infer.largest_component is True
+    assert load_predictor(run, which="last", device="cpu").config.infer.largest_component is True
 
     summary = evaluate_run(run, which="last")
     assert set(summary["per_label"]) == {"left_atrium", "right_ventricle", "myocardium", "left_ventricle"}

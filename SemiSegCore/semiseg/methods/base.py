@@ -76,6 +76,11 @@ class Method(nn.Module):
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def inference_config(self) -> Config:
+        """The config ``predict_logits``'s outputs are read with (normalisation, working grid, windows, clean-up):
+        the run's, unless a method predicts for a part of it with settings of its own (VerSemi's datasets)."""
+        return self.cfg
+
     def on_step(self, ctx: TrainingContext, step: int) -> None:
         """Called by the trainer before each step (e.g. to re-mine pseudo-labels). Default: nothing."""
 

@@ -547,16 +547,28 @@ class VerSemi(Method):
             logits = torch.cat([logits, pad], 1)
         return logits
 
+    def dataset_config(self, d: _Data, num_classes: int | None = None):
+        """The run's config as one dataset's predictions are read: its root, normalisation, working grid, window
+        and clean-up (``num_classes``: default the dataset's)."""
+        cfg = copy.deepcopy(self.cfg)
+        cfg.data = replace(cfg.data, root=d.root, intensity=d.intensity, num_classes=num_classes or d.num_classes,
+                           target_spacing=d.target_spacing)
+        cfg.infer = replace(cfg.infer, largest_component=d.largest_component, patch_size=list(d.infer_patch))
+        return cfg
+
+    def inference_config(self):
+        """``predict_logits`` predicts ``versemi.infer_dataset``: read with that dataset's settings (so the trainer's
+        reports and ``semiseg predict --run`` clean up as validation does, e.g. LA's largest component)."""
+        d = self.data[self.infer_dataset]
+        return self.dataset_config(d, self.cfg.data.num_classes if d.index == 0 else None)
+
     def predictor(self, dataset: int | str = 0, task: str | None = None):
         """A core ``Predictor`` for one dataset: its normalisation, its tasks as one label map (or one ``task``'s
         foreground as labels 0/1)."""
         from ..infer import Predictor
 
         d = self.data[self.dataset_index(dataset) if isinstance(dataset, str) else dataset]
-        cfg = copy.deepcopy(self.cfg)
-        cfg.data = replace(cfg.data, root=d.root, intensity=d.intensity, num_classes=d.num_classes,
-                           target_spacing=d.target_spacing)
-        cfg.infer = replace(cfg.infer, largest_component=d.largest_component, patch_size=list(d.infer_patch))
+        cfg = self.dataset_config(d)
         if task is None:
             net = partial(self.structure_logits, dataset=d.index)
         else:

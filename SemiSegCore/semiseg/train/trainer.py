@@ -188,7 +188,7 @@ class Trainer:
 
     # -- validation -----------------------------------------------------------------------------------------------
     def predictor(self) -> Predictor:
-        return Predictor.of(self.method, self.cfg)
+        return Predictor.of(self.method)
 
     def validate(self) -> dict:
         """Mean foreground Dice over the validation cases (per label and overall), scored as ``semiseg predict``
