@@ -88,6 +88,7 @@ def read_run(run_dir: Path) -> dict:
     """A finished run's bench.json plus its validation summary and, when it has a test split, the test summary and
     per-case test rows."""
     info = json.loads((run_dir / "bench.json").read_text())
+    info["run_dir"] = str(run_dir)  # where the run is now (bench.json keeps where it was trained)
     info["summary"] = json.loads((run_dir / "summary.json").read_text())
     test = run_dir / "test"
     if (test / "summary.json").exists():
