@@ -59,10 +59,10 @@ class Predictor:
         self.checkpoint = checkpoint
 
     @classmethod
-    def of(cls, method, config=None, **kwargs) -> "Predictor":
+    def of(cls, method, **kwargs) -> "Predictor":
         """The predictor of a trained method (``semiseg.methods.Method``): its ``predict_logits`` read with its
         ``inference_config()``, on the method's device, with whole-image windows where the method asks for them."""
-        return cls(method.predict_logits, config or method.inference_config(), method.device,
+        return cls(method.predict_logits, method.inference_config(), method.device,
                    whole_image=method.whole_image_inference, **kwargs)
 
     @property
