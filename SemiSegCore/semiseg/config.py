@@ -107,6 +107,7 @@ class InferConfig:
     overlap: float = 0.5
     largest_component: bool = False
     batch_size: int = 4
+    mirror: bool = False  # test-time mirroring: average over the image and its flips along every axis (2^d passes)
 
 
 @dataclass

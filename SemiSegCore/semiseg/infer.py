@@ -1,6 +1,7 @@
 """Sliding-window inference and the predictor that runs a network on whole images."""
 from __future__ import annotations
 
+from itertools import combinations
 from typing import Callable
 
 import numpy as np
@@ -15,12 +16,16 @@ from .registry import size_multiple
 
 @torch.inference_mode()
 def sliding_window_probs(net: Callable[[torch.Tensor], torch.Tensor], image: np.ndarray, patch_size, overlap: float,
-                         device, batch_size: int = 4, amp: bool = False, multiple: int = 16) -> np.ndarray:
+                         device, batch_size: int = 4, amp: bool = False, multiple: int = 16,
+                         mirror: bool = False) -> np.ndarray:
     """Class probabilities (K, *spatial) of a channels-first image by Gaussian-weighted sliding windows.
 
     ``image`` may also be a stack (N, C, *spatial) of same-sized images (e.g. the slices of a volume), giving
     (N, K, *spatial). The image is padded to at least the patch size (and to a multiple of ``multiple`` where it is
-    smaller than the patch) and the padding is cut off again, so the output is on the input grid.
+    smaller than the patch) and the padding is cut off again, so the output is on the input grid. With ``mirror``
+    each window's probabilities are the mean over the window and its mirror images along every subset of the spatial
+    axes, each flipped back (nnU-Net's test-time mirroring; 2^d network passes). The training augmentation flips
+    along every axis, so the network has seen mirrored images.
     """
     from monai.inferers import sliding_window_inference
 
@@ -34,9 +39,19 @@ def sliding_window_probs(net: Callable[[torch.Tensor], torch.Tensor], image: np.
         batch = np.pad(batch, pads, mode="edge")
     x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
 
-    def predictor(patch: torch.Tensor) -> torch.Tensor:
+    spatial_axes = list(range(2, x.ndim))
+    flips = [list(axes) for n in range(len(spatial_axes) + 1) for axes in combinations(spatial_axes, n)
+             ] if mirror else [[]]
+
+    def probabilities(patch: torch.Tensor, axes: list[int]) -> torch.Tensor:
+        """Softmax of the network on the patch mirrored along ``axes``, mirrored back."""
         with torch.autocast(device_type=device.type, enabled=amp and device.type == "cuda"):
-            return torch.softmax(net(patch).float(), dim=1)
+            logits = net(patch.flip(axes) if axes else patch)
+        probs = torch.softmax(logits.float(), dim=1)
+        return probs.flip(axes) if axes else probs
+
+    def predictor(patch: torch.Tensor) -> torch.Tensor:
+        return sum(probabilities(patch, axes) for axes in flips) / len(flips)
 
     probs = sliding_window_inference(x, roi, batch_size, predictor, overlap=overlap, mode="gaussian")
     crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(pads[2:], spatial))
@@ -95,11 +110,13 @@ class Predictor:
             stack = np.moveaxis(arr, axis, 0)  # (N, C, *2D)
             window = self.window(stack.shape[2:])
             chunks = [sliding_window_probs(self.net, stack[i:i + 32], window, self.config.infer.overlap, self.device,
-                                           32, amp=self.config.train.amp, multiple=multiple)
+                                           32, amp=self.config.train.amp, multiple=multiple,
+                                           mirror=self.config.infer.mirror)
                       for i in range(0, len(stack), 32)]
             return np.moveaxis(np.concatenate(chunks), 0, axis)
         return sliding_window_probs(self.net, arr, self.window(arr.shape[1:]), self.config.infer.overlap, self.device,
-                                    self.config.infer.batch_size, amp=self.config.train.amp, multiple=multiple)
+                                    self.config.infer.batch_size, amp=self.config.train.amp, multiple=multiple,
+                                    mirror=self.config.infer.mirror)
 
     def predict(self, image: Image) -> np.ndarray:
         """Probabilities (K, *spatial) on the image's own grid."""

@@ -1,6 +1,7 @@
 """``semiseg predict``: segment images with a trained run; label maps are written by :mod:`semiseg.io.labels`."""
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -15,6 +16,9 @@ def add_parser(subparsers) -> None:
     pr.add_argument("--checkpoint", default="best", choices=["best", "last"])
     pr.add_argument("--device", default="auto")
     pr.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    pr.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=None,
+                    help="test-time mirroring (mean over the image's flips along every axis; 8x the time in 3D); "
+                         "default: the run's infer.mirror")
     pr.add_argument("--quiet", action="store_true")
     pr.set_defaults(func=run)
 
@@ -38,6 +42,8 @@ def run(args) -> int:
     out = Path(args.out)
     check_out_apart(Path(args.input), out)
     predictor = load_predictor(args.run, which=args.checkpoint, device=args.device)
+    if args.mirror is not None:
+        predictor.config.infer.mirror = args.mirror
     out.mkdir(parents=True, exist_ok=True)
     cases = discover_cases(Path(args.input))  # a file, an image folder, or a dataset (MSD, images/ + masks/, h5)
     for case in tqdm(cases, desc="predicting", disable=args.quiet):

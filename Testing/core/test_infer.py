@@ -1,0 +1,104 @@
+"""Sliding-window inference with test-time mirroring (``infer.mirror``)."""
+from itertools import combinations
+
+import numpy as np
+import torch
+
+from semiseg.config import config_from_dict
+from semiseg.infer import Predictor, sliding_window_probs
+from semiseg.io import read_image
+
+CPU = torch.device("cpu")
+
+
+class CoordinateLogits(torch.nn.Module):
+    """Foreground logit = a fixed ramp along every axis plus a convolution of the image: a network that is not
+    mirror-symmetric, so mirroring must change what it predicts."""
+
+    def __init__(self, dims: int):
+        super().__init__()
+        conv = torch.nn.Conv3d if dims == 3 else torch.nn.Conv2d
+        self.conv = conv(1, 1, 3, padding=1)
+
+    def forward(self, x):
+        ramp = sum(torch.linspace(-2, 2, n).reshape([n if i == d else 1 for i in range(x.ndim - 2)])
+                   for d, n in enumerate(x.shape[2:]))
+        fg = self.conv(x) + ramp
+        return torch.cat([torch.zeros_like(fg), fg], dim=1)
+
+
+def la_crop(la_case, shape=(32, 32, 16)) -> np.ndarray:
+    arr = read_image(la_case[0]).array.astype(np.float32)
+    arr = (arr - arr.mean()) / arr.std()
+    return arr[tuple(slice(0, n) for n in shape)][None]  # (1, *shape)
+
+
+def test_mirroring_averages_the_flipped_predictions_flipped_back(la_case):
+    torch.manual_seed(0)
+    net = CoordinateLogits(3).eval()
+    image = la_crop(la_case)
+    mirrored = sliding_window_probs(net, image, [32, 32, 16], 0.5, CPU, mirror=True)
+    expected = np.zeros_like(mirrored)
+    for n in range(4):
+        for axes in combinations((1, 2, 3), n):
+            flipped = np.flip(image, axes).copy()
+            expected += np.flip(sliding_window_probs(net, flipped, [32, 32, 16], 0.5, CPU), axes)
+    np.testing.assert_allclose(mirrored, expected / 8, atol=1e-5)
+    plain = sliding_window_probs(net, image, [32, 32, 16], 0.5, CPU)
+    assert np.abs(plain - mirrored).max() > 0.1
+
+
+def test_mirroring_cancels_a_position_bias(la_case):
+    """With a constant image, the ramp is all the network sees: mirrored, the prediction is the same read from
+    either end of every axis (one window covers the image, so the window weights are symmetric too)."""
+    net = CoordinateLogits(2).eval()
+    torch.nn.init.zeros_(net.conv.weight)
+    image = np.ones((1, 32, 48), np.float32)
+    plain = sliding_window_probs(net, image, [32, 48], 0.5, CPU)
+    mirrored = sliding_window_probs(net, image, [32, 48], 0.5, CPU, mirror=True)
+    assert np.abs(plain - np.flip(plain, (1, 2))).max() > 0.5
+    np.testing.assert_allclose(mirrored, np.flip(mirrored, 1), atol=1e-6)
+    np.testing.assert_allclose(mirrored, np.flip(mirrored, 2), atol=1e-6)
+
+
+def test_predictor_mirrors_when_the_config_asks(la_case):
+    torch.manual_seed(0)
+    net = CoordinateLogits(3).eval()
+    image = la_crop(la_case)
+    raw = {"model": {"name": "strided_unet3d"}, "train": {"patch_size": [32, 32, 16]}}
+    plain = Predictor(net, config_from_dict(raw), CPU).predict_array(image)
+    raw["infer"] = {"mirror": True}
+    mirrored = Predictor(net, config_from_dict(raw), CPU).predict_array(image)
+    np.testing.assert_allclose(mirrored, sliding_window_probs(net, image, [32, 32, 16], 0.5, CPU, mirror=True),
+                               atol=1e-6)
+    assert np.abs(plain - mirrored).max() > 0.1
+
+
+def test_predict_cli_mirror_flag_overrides_the_run(la_dir, tmp_path):
+    import yaml
+
+    from semiseg.cli import main
+    from semiseg.data.cases import discover_cases
+    from semiseg.io import read_label
+    from semiseg.runs import load_predictor
+
+    raw = {"name": "mirror", "data": {"root": str(la_dir), "labelled": 1, "val": 0, "max_cases": 2,
+                                       "target_spacing": 2.5},
+           "model": {"name": "strided_unet3d", "features": 4},
+           "train": {"iterations": 1, "patch_size": [32, 32, 32], "batch_size": 1, "device": "cpu", "amp": False}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["train", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    image = read_image(discover_cases(la_dir)[0].image)
+    predictor = load_predictor(tmp_path / "run", device="cpu")
+    assert predictor.config.infer.mirror is False
+    expected = {}
+    for mirror in (False, True):
+        predictor.config.infer.mirror = mirror
+        expected[mirror] = predictor.segment(image).array
+    assert (expected[False] != expected[True]).any()
+    for flag, mirror in (("--mirror", True), ("--no-mirror", False)):
+        out = tmp_path / flag.strip("-")
+        assert main(["predict", "--run", str(tmp_path / "run"), "--input", image.path, "--out", str(out),
+                     "--quiet", flag]) == 0
+        written = read_label(next(out.iterdir())).array
+        np.testing.assert_array_equal(written, expected[mirror])
