@@ -3,10 +3,14 @@ from itertools import combinations
 
 import numpy as np
 import torch
+import yaml
 
+from semiseg.cli import main
 from semiseg.config import config_from_dict
+from semiseg.data.cases import discover_cases
 from semiseg.infer import Predictor, sliding_window_probs
-from semiseg.io import read_image
+from semiseg.io import read_image, read_label
+from semiseg.runs import load_predictor
 
 CPU = torch.device("cpu")
 
@@ -48,7 +52,7 @@ def test_mirroring_averages_the_flipped_predictions_flipped_back(la_case):
     assert np.abs(plain - mirrored).max() > 0.1
 
 
-def test_mirroring_cancels_a_position_bias(la_case):
+def test_mirroring_cancels_a_position_bias():
     """With a constant image, the ramp is all the network sees: mirrored, the prediction is the same read from
     either end of every axis (one window covers the image, so the window weights are symmetric too)."""
     net = CoordinateLogits(2).eval()
@@ -75,13 +79,6 @@ def test_predictor_mirrors_when_the_config_asks(la_case):
 
 
 def test_predict_cli_mirror_flag_overrides_the_run(la_dir, tmp_path):
-    import yaml
-
-    from semiseg.cli import main
-    from semiseg.data.cases import discover_cases
-    from semiseg.io import read_label
-    from semiseg.runs import load_predictor
-
     raw = {"name": "mirror", "data": {"root": str(la_dir), "labelled": 1, "val": 0, "max_cases": 2,
                                        "target_spacing": 2.5},
            "model": {"name": "strided_unet3d", "features": 4},
