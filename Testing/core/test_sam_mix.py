@@ -100,11 +100,13 @@ def test_config_errors_name_the_key():
         check_params(tiny_cfg("sam_mix.cam_threshold=1.5"))
     with pytest.raises(ConfigError, match="sam_mix.lora_rnk.*lora_rank"):
         check_params(tiny_cfg("sam_mix.lora_rnk=4"))
+    with pytest.raises(ConfigError, match="sam_mix.cls_lr_scale"):
+        check_params(tiny_cfg("sam_mix.cls_lr_scale=0"))
 
 
 def test_frozen_encoder_run_learns_and_reloads(tmp_path):
     """Frozen encoder (cached embeddings): a few real steps on one labelled slice lower its loss (reference box,
-    measured before and after); the checkpoint holds the decoder and classifier but no encoder weights and reloads
+    measured before and after); the classifier learns at ``cls_lr_scale`` times the decoder's rate; the checkpoint holds the decoder and classifier but no encoder weights and reloads
     to the same prediction."""
     from semiseg.runs import load_predictor
     from semiseg.train.trainer import Trainer
@@ -128,6 +130,10 @@ def test_frozen_encoder_run_learns_and_reloads(tmp_path):
         trainer.train_step()
         trainer.step += 1
     assert seg_loss() < before
+    lr_of = {id(q): g["lr"] for g in trainer.optimizer.param_groups for q in g["params"]}
+    decoder_lr = lr_of[id(next(method.sam.mask_decoder.parameters()))]
+    assert lr_of[id(method.classifier.fc1.weight)] == pytest.approx(method.params.cls_lr_scale * decoder_lr)
+    assert method.params.cls_lr_scale == 10.0 and decoder_lr > 0
     trainer.save("best.pt")
     state = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=False)["method"]
     assert not any(k.startswith("sam.image_encoder") for k in state)

@@ -76,6 +76,10 @@ class SamMixParams:
     cls_batch: int = 4
     seg_batch: int = 2
     cls_weight: float = 1.0
+    cls_lr_scale: float = 10.0
+    """The classifier's learning rate as a multiple of ``train.lr``. The classifier learns from scratch while SAM's
+    decoder is fine-tuned at ``train.lr`` (1e-4): at that rate it underfits its own training slices (LA, 2000
+    iterations: 82% of them classified right, presence probabilities 0.5 to 0.63)."""
     seg_weight: float = 1.0
     focal_alpha: float = 0.5
     focal_gamma: float = 2.0
@@ -146,6 +150,7 @@ class SamMix(Method):
                    "train_prompt": ("gt", "cam", "mix"), "backend": ("litemedsam", "sam")}
         for key, allowed in choices.items():
             _check(getattr(p, key) in allowed, key, f"must be one of {', '.join(allowed)}, got '{getattr(p, key)}'")
+        _check(p.cls_lr_scale > 0, "cls_lr_scale", f"must be > 0, got {p.cls_lr_scale}")
         for key in ("labelled_slices", "cls_batch", "seg_batch"):
             _check(getattr(p, key) >= 1, key, f"must be >= 1, got {getattr(p, key)}")
         _check(p.lora_rank >= 0, "lora_rank", f"must be >= 0, got {p.lora_rank}")
@@ -429,7 +434,12 @@ class SamMix(Method):
         return crop_to_slice(logits, (h, w), size)
 
     def parameter_groups(self) -> list[dict]:
-        return [{"params": [q for q in self.parameters() if q.requires_grad]}]
+        """What trains; the classifier in a group of its own at ``cls_lr_scale`` times the learning rate."""
+        if self.params.variant == "unet":
+            return super().parameter_groups()
+        rest = [q for n, q in self.named_parameters() if q.requires_grad and not n.startswith("classifier.")]
+        groups = [{"params": rest}] if rest else []
+        return groups + [{"params": list(self.classifier.parameters()), "lr_scale": self.params.cls_lr_scale}]
 
 
 # ---------------------------------------------------------------------------------------------------- diagnosis
