@@ -14,6 +14,23 @@ from .io import Image, ImageError
 from .registry import size_multiple
 
 
+def mean_probabilities(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, mirror: bool,
+                       amp: bool = False) -> torch.Tensor:
+    """Softmax of ``net`` on a batch (B, C, *spatial); with ``mirror`` the mean over the batch and its mirror images
+    along every subset of the spatial axes, each mirrored back (2^d network passes)."""
+    spatial_axes = list(range(2, x.ndim))
+    flips = [list(axes) for n in range(len(spatial_axes) + 1) for axes in combinations(spatial_axes, n)
+             ] if mirror else [[]]
+
+    def probabilities(axes: list[int]) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=amp and x.device.type == "cuda"):
+            logits = net(x.flip(axes) if axes else x)
+        probs = torch.softmax(logits.float(), dim=1)
+        return probs.flip(axes) if axes else probs
+
+    return sum(probabilities(axes) for axes in flips) / len(flips)
+
+
 @torch.inference_mode()
 def sliding_window_probs(net: Callable[[torch.Tensor], torch.Tensor], image: np.ndarray, patch_size, overlap: float,
                          device, batch_size: int = 4, amp: bool = False, multiple: int = 16,
@@ -39,19 +56,8 @@ def sliding_window_probs(net: Callable[[torch.Tensor], torch.Tensor], image: np.
         batch = np.pad(batch, pads, mode="edge")
     x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
 
-    spatial_axes = list(range(2, x.ndim))
-    flips = [list(axes) for n in range(len(spatial_axes) + 1) for axes in combinations(spatial_axes, n)
-             ] if mirror else [[]]
-
-    def probabilities(patch: torch.Tensor, axes: list[int]) -> torch.Tensor:
-        """Softmax of the network on the patch mirrored along ``axes``, mirrored back."""
-        with torch.autocast(device_type=device.type, enabled=amp and device.type == "cuda"):
-            logits = net(patch.flip(axes) if axes else patch)
-        probs = torch.softmax(logits.float(), dim=1)
-        return probs.flip(axes) if axes else probs
-
     def predictor(patch: torch.Tensor) -> torch.Tensor:
-        return sum(probabilities(patch, axes) for axes in flips) / len(flips)
+        return mean_probabilities(net, patch, mirror, amp)
 
     probs = sliding_window_inference(x, roi, batch_size, predictor, overlap=overlap, mode="gaussian")
     crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(pads[2:], spatial))
@@ -62,11 +68,17 @@ def sliding_window_probs(net: Callable[[torch.Tensor], torch.Tensor], image: np.
 class Predictor:
     """Runs a trained network on whole images: normalisation, resampling to the working grid
     (``data.target_spacing``), sliding window, and probabilities resampled back to the image's own grid. With
-    ``whole_image`` the window is each whole image (or slice): for networks that resize their input themselves."""
+    ``whole_image`` the window is each whole image (or slice): for networks that resize their input themselves.
+    ``volume_net``, for such a network, takes all slices of one volume at once, in order (N, C, H, W), so that it
+    can make its slices agree (SAM-Mix's presence per slice)."""
 
     def __init__(self, net: Callable[[torch.Tensor], torch.Tensor], config, device, run_dir: str | None = None,
-                 checkpoint: str | None = None, whole_image: bool = False):
+                 checkpoint: str | None = None, whole_image: bool = False,
+                 volume_net: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        if volume_net is not None and not whole_image:
+            raise ValueError("volume_net needs whole_image windows (it takes whole slices)")
         self.net = net
+        self.volume_net = volume_net
         self.whole_image = whole_image
         self.config = config
         self.device = device
@@ -78,7 +90,8 @@ class Predictor:
         """The predictor of a trained method (``semiseg.methods.Method``): its ``predict_logits`` read with its
         ``inference_config()``, on the method's device, with whole-image windows where the method asks for them."""
         return cls(method.predict_logits, method.inference_config(), method.device,
-                   whole_image=method.whole_image_inference, **kwargs)
+                   whole_image=method.whole_image_inference,
+                   volume_net=getattr(method, "predict_volume_slices", None), **kwargs)
 
     @property
     def patch_size(self):
@@ -108,6 +121,11 @@ class Predictor:
         if arr.ndim - 1 == len(self.patch_size) + 1:
             axis = self.config.train.slice_axis % (arr.ndim - 1) + 1
             stack = np.moveaxis(arr, axis, 0)  # (N, C, *2D)
+            if self.volume_net is not None:
+                with torch.inference_mode():
+                    x = torch.from_numpy(np.ascontiguousarray(stack)).to(self.device)
+                    probs = mean_probabilities(self.volume_net, x, self.config.infer.mirror, self.config.train.amp)
+                return np.moveaxis(probs.cpu().numpy(), 0, axis)
             window = self.window(stack.shape[2:])
             chunks = [sliding_window_probs(self.net, stack[i:i + 32], window, self.config.infer.overlap, self.device,
                                            32, amp=self.config.train.amp, multiple=multiple,

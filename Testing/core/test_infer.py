@@ -99,3 +99,23 @@ def test_predict_cli_mirror_flag_overrides_the_run(la_dir, tmp_path):
                      "--quiet", flag]) == 0
         written = read_label(next(out.iterdir())).array
         np.testing.assert_array_equal(written, expected[mirror])
+
+
+def test_predictor_gives_a_volume_net_all_slices_in_order(la_case):
+    """A whole-image 2D predictor with a ``volume_net`` hands it one volume's slices at once, in order along
+    ``train.slice_axis``, and returns its softmax on the volume's grid; the per-slice network is not used."""
+    image = la_crop(la_case, (16, 12, 10))  # (1, 16, 12, 10): 10 axial slices of 16 x 12 (whole-image windows)
+
+    def by_position(x):  # foreground logit = slice index: a slice is right only where its place is known
+        index = torch.arange(len(x), dtype=x.dtype).reshape(-1, 1, 1, 1).expand(-1, 1, *x.shape[2:])
+        return torch.cat([torch.zeros_like(index), index - 4.5 + 0 * x], 1)
+
+    def per_slice(x):
+        raise AssertionError("the per-slice network must not run when a volume net is given")
+
+    raw = {"model": {"name": "unet2d"}, "train": {"patch_size": [16, 16], "slice_axis": 2}}
+    probs = Predictor(per_slice, config_from_dict(raw), CPU, whole_image=True,
+                      volume_net=by_position).predict_array(image)
+    assert probs.shape == (2, 16, 12, 10)
+    expected = 1 / (1 + np.exp(-(np.arange(10) - 4.5)))
+    np.testing.assert_allclose(probs[1], np.broadcast_to(expected, (16, 12, 10)), atol=1e-6)

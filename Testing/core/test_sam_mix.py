@@ -14,7 +14,7 @@ import torch.nn as nn
 from semiseg.config import ConfigError, load_config
 from semiseg.losses import binary_focal_loss, dice_bce_loss
 from semiseg.methods import check_params
-from semiseg.methods.sam_mix import NEGATIVE_LOGIT, box_from_cam
+from semiseg.methods.sam_mix import NEGATIVE_LOGIT, box_from_cam, one_run
 from semiseg.models.slice_classifier import SliceClassifier
 from semiseg.models.lora import LoRALinear, add_lora, load_lora, lora_state_dict, save_lora
 
@@ -62,6 +62,18 @@ def test_box_from_cam():
     box = box_from_cam(cam, 0.4, scale=4.0, limit=(64, 60))
     assert box.tolist() == [12.0, 8.0, 35.0, 19.0]  # (x0, y0, x1, y1) scaled 4x, last pixel included
     assert box_from_cam(np.zeros((16, 16)), 0.4, 4.0, (64, 60)).tolist() == [15.0, 16.0, 45.0, 48.0]
+
+
+def test_one_run_joins_short_gaps_and_keeps_the_largest_run():
+    found = np.array([1, 0, 0, 0, 1, 1, 0, 1, 1, 0, 0, 1, 1, 1, 0, 0, 0, 0, 1], bool)
+    # gap 2: slices 4-13 become one run (gaps of 1 and 2 filled); 0 and 18 stand apart (gaps of 3 and 4)
+    assert one_run(found, 2).nonzero()[0].tolist() == list(range(4, 14))
+    # gap 1: the runs are 4-8 (four found) and 11-13 (three found): the first wins
+    assert one_run(found, 1).nonzero()[0].tolist() == list(range(4, 9))
+    # gap 0: no gap is filled, the largest run of found slices is 11-13
+    assert one_run(found, 0).nonzero()[0].tolist() == [11, 12, 13]
+    assert one_run(found, 10).nonzero()[0].tolist() == list(range(0, 19))
+    assert not one_run(np.zeros(5, bool), 2).any()
 
 
 def test_lora_identity_at_start_and_save_load(tmp_path):

@@ -13,8 +13,9 @@ Two branches trained jointly on 2D slices (3D volumes are cut along ``train.slic
   :class:`semiseg.sam.SliceEmbeddingCache` shared by the runs of one process.
 
 Inference never looks at a reference: for each slice and structure the classifier decides presence
-(``cls_threshold``), the CAM gives the box (and, with ``mask_prompt``, a dense prompt), and the decoder gives the
-mask. Structures a slice lacks get a fixed negative logit.
+(``cls_threshold``; in a volume the slices found are made one run per structure, ``presence_gap``), the CAM gives
+the box (and, with ``mask_prompt``, a dense prompt), and the decoder gives the mask. Structures a slice lacks get a
+fixed negative logit.
 
 Choices where the paper is silent (see seeds.md section 4): the classifier sits on the SAM embedding as in the
 authors' ADA-SAM (not a separate ResNet-38), Grad-CAM is computed in closed form for that head
@@ -85,6 +86,10 @@ class SamMixParams:
     focal_gamma: float = 2.0
     cam_threshold: float = 0.4
     cls_threshold: float = 0.5
+    presence_gap: int = 2
+    """In a volume, the slices where a structure is found are made one run (a structure such as an organ or a heart
+    chamber spans contiguous slices): runs of found slices separated by at most this many slices are joined, gaps
+    included, and only the run with the most found slices is kept. -1: each slice decides on its own."""
     mask_prompt: bool = False
     """Also feed the thresholded CAM to the decoder as a dense prompt."""
     train_prompt: str = "mix"
@@ -114,6 +119,20 @@ def box_from_cam(cam: np.ndarray, threshold: float, scale: float, limit: tuple[i
     x0, y0, x1, y1 = prompt.box
     box = np.array([x0 * scale, y0 * scale, (x1 + 1) * scale - 1, (y1 + 1) * scale - 1], dtype=np.float32)
     return np.clip(box, 0, [w - 1, h - 1, w - 1, h - 1]).astype(np.float32)
+
+
+def one_run(found: np.ndarray, gap: int) -> np.ndarray:
+    """The slices (bool, along a volume) where a structure is kept: runs of ``found`` slices separated by at most
+    ``gap`` slices joined (gaps filled), and only the joined run holding the most found slices kept."""
+    idx = np.flatnonzero(found)
+    if len(idx) == 0:
+        return found.copy()
+    breaks = np.flatnonzero(np.diff(idx) > gap + 1)
+    starts, ends = np.r_[idx[0], idx[breaks + 1]], np.r_[idx[breaks], idx[-1]]
+    best = int(np.argmax([found[a:b + 1].sum() for a, b in zip(starts, ends)]))
+    out = np.zeros_like(found, dtype=bool)
+    out[starts[best]:ends[best] + 1] = True
+    return out
 
 
 def box_from_mask(mask: np.ndarray) -> np.ndarray:
@@ -150,6 +169,7 @@ class SamMix(Method):
                    "train_prompt": ("gt", "cam", "mix"), "backend": ("litemedsam", "sam")}
         for key, allowed in choices.items():
             _check(getattr(p, key) in allowed, key, f"must be one of {', '.join(allowed)}, got '{getattr(p, key)}'")
+        _check(p.presence_gap >= -1, "presence_gap", f"must be >= -1 (-1: off), got {p.presence_gap}")
         _check(p.cls_lr_scale > 0, "cls_lr_scale", f"must be > 0, got {p.cls_lr_scale}")
         for key in ("labelled_slices", "cls_batch", "seg_batch"):
             _check(getattr(p, key) >= 1, key, f"must be >= 1, got {getattr(p, key)}")
@@ -268,11 +288,12 @@ class SamMix(Method):
         keys = [self.backend.key + content_key(p.cpu().numpy()) for p in pixels]
         found = [_EMBEDDINGS.get(k) for k in keys]
         todo = [i for i, e in enumerate(found) if e is None]
-        if todo:
-            batch, sizes = self.backend.preprocess([pixels[i] for i in todo])
+        for start in range(0, len(todo), 16):  # 16 slices through the encoder at a time
+            chunk = todo[start:start + 16]
+            batch, sizes = self.backend.preprocess([pixels[i] for i in chunk])
             with torch.no_grad():
                 features = self.backend.encode(batch)
-            for j, i in enumerate(todo):
+            for j, i in enumerate(chunk):
                 found[i] = Embedding(features[j:j + 1], *sizes[j])
                 _EMBEDDINGS.put(keys[i], found[i])
         return torch.cat([e.features.to(self.device) for e in found])
@@ -406,21 +427,31 @@ class SamMix(Method):
         ``NEGATIVE_LOGIT`` where the classifier finds it absent. Prompts come from the model's own CAMs."""
         return self.slice_logits(x)
 
+    def predict_volume_slices(self, x: torch.Tensor) -> torch.Tensor:
+        """``predict_logits`` for the slices (N, C, H, W) of one volume, in order: each structure is kept in one run
+        of slices (``presence_gap``; ``infer.Predictor`` calls this for a volume)."""
+        return self.slice_logits(x, one_volume=True)
+
     def slice_logits(self, x: torch.Tensor, present: torch.Tensor | None = None,
-                     boxes: np.ndarray | None = None) -> torch.Tensor:
+                     boxes: np.ndarray | None = None, one_volume: bool = False) -> torch.Tensor:
         """``predict_logits`` with prompts that may come from elsewhere: ``present`` (B, K-1) bool replaces the
         classifier's verdicts, ``boxes`` (B, K-1, 4, input frame) the CAM boxes (``prompt_sources`` uses the
-        reference's to measure how much of the error each prompt causes)."""
+        reference's to measure how much of the error each prompt causes). With ``one_volume`` the slices are one
+        volume's, in order, and the classifier's verdicts are made one run per structure."""
         h, w = x.shape[-2:]
         pixels = self.to_uint8(x.float())
         size = resized_size(h, w, self.input_size)
         s = self.input_size
         if self.params.variant == "unet":
-            logits = self.unet(input_frame(pixels, s, device=self.device)[0])
+            logits = torch.cat([self.unet(input_frame(pixels[i:i + 32], s, device=self.device)[0])
+                                for i in range(0, len(pixels), 32)])
             return crop_to_slice(logits, (h, w), size)
         emb = self.embed(pixels)
         if present is None:
             present = torch.sigmoid(self.classifier(emb)) >= self.params.cls_threshold
+            if one_volume and self.params.presence_gap >= 0:
+                runs = [one_run(present[:, k].cpu().numpy(), self.params.presence_gap) for k in range(self.k)]
+                present = torch.from_numpy(np.stack(runs, 1))
         cam_boxes, cams = self.cam_boxes(emb, [size] * len(x))
         boxes = cam_boxes if boxes is None else boxes
         masks = torch.full((len(x), self.k, s, s), NEGATIVE_LOGIT, device=x.device)
@@ -451,7 +482,7 @@ PROMPT_SOURCES = {
 }
 
 
-def prompt_sources(method: SamMix, cases, batch: int = 16) -> list[dict]:
+def prompt_sources(method: SamMix, cases) -> list[dict]:
     """Where a SAM-Mix model's error comes from: each loaded case (``LoadedCase``, with its label) segmented slice
     by slice with each of ``PROMPT_SOURCES``, scored on the working grid (argmax and the configured clean-up, as
     ``semiseg predict``). One row per case: ``case`` and the mean Dice over structures for each source."""
@@ -466,26 +497,21 @@ def prompt_sources(method: SamMix, cases, batch: int = 16) -> list[dict]:
         if case.label is None:
             raise ValueError(f"case {case.id}: prompt_sources needs its reference label")
         axis = method.cfg.train.slice_axis % (case.image.ndim - 1)
-        images = np.moveaxis(case.image, axis + 1, 0)  # (N, C, H, W)
-        labels = np.moveaxis(case.label, axis, 0)  # (N, H, W)
-        size = resized_size(*images.shape[-2:], method.input_size)
-        probs = {source: [] for source in PROMPT_SOURCES}
-        for i in range(0, len(images), batch):
-            x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch])).to(method.device)
-            lab = torch.from_numpy(np.ascontiguousarray(labels[i:i + batch]).astype(np.int64))
-            present = torch.stack([(lab == k + 1).flatten(1).any(1) for k in range(method.k)], 1)
-            boxes = np.zeros((len(x), method.k, 4), dtype=np.float32)
-            for b, k in zip(*np.nonzero(present.numpy())):
-                boxes[b, k] = box_from_mask(method.label_to_input(lab[b], size).numpy() == k + 1)
-            prompts = {"model": {}, "true_presence": {"present": present},
-                       "true_boxes": {"present": present, "boxes": boxes}}
-            with torch.no_grad():
-                for source, given in prompts.items():
-                    probs[source].append(torch.softmax(method.slice_logits(x, **given), 1).cpu().numpy())
+        x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(case.image, axis + 1, 0))).to(method.device)
+        labels = torch.from_numpy(np.moveaxis(case.label, axis, 0).astype(np.int64))  # (N, H, W)
+        size = resized_size(*x.shape[-2:], method.input_size)
+        present = torch.stack([(labels == k + 1).flatten(1).any(1) for k in range(method.k)], 1)
+        boxes = np.zeros((len(x), method.k, 4), dtype=np.float32)
+        for b, k in zip(*np.nonzero(present.numpy())):
+            boxes[b, k] = box_from_mask(method.label_to_input(labels[b], size).numpy() == k + 1)
+        prompts = {"model": {"one_volume": True}, "true_presence": {"present": present},
+                   "true_boxes": {"present": present, "boxes": boxes}}
         row = {"case": case.id}
         structures = [k for k in range(1, method.k + 1) if (case.label == k).any()]
-        for source, parts in probs.items():
-            pred = labels_from(np.moveaxis(np.concatenate(parts), 0, axis + 1), method.cfg)
+        for source, given in prompts.items():
+            with torch.no_grad():
+                probs = torch.softmax(method.slice_logits(x, **given), 1).cpu().numpy()
+            pred = labels_from(np.moveaxis(probs, 0, axis + 1), method.cfg)
             row[source] = float(np.mean([dice_score(pred == k, case.label == k) for k in structures]))
         rows.append(row)
     return rows
