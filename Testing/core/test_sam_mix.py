@@ -114,12 +114,14 @@ def test_config_errors_name_the_key():
         check_params(tiny_cfg("sam_mix.lora_rnk=4"))
     with pytest.raises(ConfigError, match="sam_mix.cls_lr_scale"):
         check_params(tiny_cfg("sam_mix.cls_lr_scale=0"))
+    with pytest.raises(ConfigError, match="sam_mix.presence_gap"):
+        check_params(tiny_cfg("sam_mix.presence_gap=-2"))
 
 
 def test_frozen_encoder_run_learns_and_reloads(tmp_path):
     """Frozen encoder (cached embeddings): a few real steps on one labelled slice lower its loss (reference box,
-    measured before and after); the classifier learns at ``cls_lr_scale`` times the decoder's rate; the checkpoint holds the decoder and classifier but no encoder weights and reloads
-    to the same prediction."""
+    measured before and after); the classifier learns at ``cls_lr_scale`` times the decoder's rate; the checkpoint
+    holds the decoder and classifier but no encoder weights and reloads to the same prediction."""
     from semiseg.runs import load_predictor
     from semiseg.train.trainer import Trainer
 
