@@ -214,7 +214,11 @@ def test_stage2_draws_unlabelled_batches_with_a_patch_per_dataset(tmp_path):
     assert "unl" not in out and all(not v for v in drawn.values())
     out = vs.training_step({}, 2)  # stage 2
     assert drawn == {"la2018": [(1, 1, 32, 32, 32)], "acdc": [(1, 1, 16, 32, 32)]}
-    assert {"unl", "cube"} <= set(out) and float(out["unlabelled_patches"]) == 2
+    assert {"unl", "cube"} <= set(out) and float(out["unlabelled_patches"]) == 2 and "spec" not in out
     assert torch.isfinite(out["loss"]) and out["loss"].requires_grad
+    vs.params.task_mix_in_stage2 = True  # stage 1's task-specific loss on labelled mixes kept in stage 2
+    out = vs.training_step({}, 3)
+    parts = ("sup", "chaos", "unl", "cube", "spec")
+    assert out["loss"].item() == pytest.approx(sum(out[k].item() for k in parts), rel=1e-5)
     with torch.no_grad():  # the validation window of each dataset follows its patch
         assert vs.predictor("acdc").patch_size == [16, 32, 32]

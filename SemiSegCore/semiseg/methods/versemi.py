@@ -16,7 +16,8 @@ an unlabelled batch u and a cube side drawn from ``cube_ratio_range``:
     x_c = x_u M + x_l (1-M) (a labelled cube pasted into an unlabelled patch)
     L_unl  = Dice(synthetic prompt on x_c, voxelwise max over all task prompts on x_c)
     L_cube = Dice(synthetic prompt on x_c, union_l) inside the pasted cube
-    L = L_sup + L_chaos_sup + unlabelled_weight * L_unl + L_cube
+    L = L_sup + L_chaos_sup + unlabelled_weight * L_unl + L_cube (+ L_spec on the labelled mix, with
+    ``task_mix_in_stage2``; ``detach_aggregate`` stops L_unl's gradient through the task prompts)
 Dice here is VerSemi's (V-Net) loss on a foreground probability, 1 - (2 sum pg + eps) / (sum p^2 + sum g^2 + eps),
 pooled over the batch separately for each task.
 
@@ -122,6 +123,9 @@ class VerSemiParams:
     unlabelled_weight: float = 1.0
     detach_aggregate: bool = False
     """Stop gradients through the task aggregate in L_unl (the code lets them flow)."""
+    task_mix_in_stage2: bool = False
+    """Keep stage 1's task-specific loss on labelled CutMix (L_spec) in stage 2 too. The released code drops it, and
+    then only L_sup tells the tasks apart while three losses train the synthetic (union) task."""
     infer_dataset: str = ""
     """Dataset whose tasks ``predict_logits`` (validation, ``semiseg predict``) prompts; default the first."""
 
@@ -490,7 +494,8 @@ class VerSemi(Method):
             l_chaos, l_spec = self._labelled_mix(images, labels, owner, p.cube_ratio, specific=True)
             loss = l_sup + l_chaos + l_spec
             return {"loss": loss, "sup": l_sup.detach(), "chaos": l_chaos.detach(), "spec": l_spec.detach()}
-        l_chaos_sup, _ = self._labelled_mix(images, labels, owner, p.cube_ratio_range, specific=False)
+        l_chaos_sup, l_spec = self._labelled_mix(images, labels, owner, p.cube_ratio_range,
+                                                 specific=p.task_mix_in_stage2)
         unl, _, _ = self._draw("unlabelled_sampler")
         n = min(len(unl), len(images))
         keep = torch.randperm(len(images))[:n].tolist()
@@ -513,8 +518,12 @@ class VerSemi(Method):
         l_cube = pooled_dice_loss(torch.cat([(s * (1 - m)).flatten() for s, m in zip(syn, masks)]),
                            torch.cat([(y * (1 - m)).flatten() for y, m in zip(cube_labels, masks)]))
         loss = l_sup + l_chaos_sup + p.unlabelled_weight * l_unl + l_cube
-        return {"loss": loss, "sup": l_sup.detach(), "chaos": l_chaos_sup.detach(), "unl": l_unl.detach(),
-                "cube": l_cube.detach(), "unlabelled_patches": torch.tensor(float(len(unl)))}
+        out = {"sup": l_sup.detach(), "chaos": l_chaos_sup.detach(), "unl": l_unl.detach(), "cube": l_cube.detach(),
+               "unlabelled_patches": torch.tensor(float(len(unl)))}
+        if l_spec is not None:
+            loss = loss + l_spec
+            out["spec"] = l_spec.detach()
+        return {"loss": loss, **out}
 
     # -- inference --------------------------------------------------------------------------------------------
     def task_probs(self, x: torch.Tensor, dataset: int) -> torch.Tensor:
