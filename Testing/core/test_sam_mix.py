@@ -45,7 +45,7 @@ def test_closed_form_grad_cam_matches_autograd():
     torch.manual_seed(0)
     head = SliceClassifier(8, 2, hidden=16).eval()
     emb = torch.randn(3, 8, 5, 5, requires_grad=True)
-    cams = head.grad_cam(emb.detach())
+    cams = head.activation_maps(emb.detach())
     for k in range(2):
         grad, = torch.autograd.grad(head(emb)[:, k].sum(), emb)
         w = grad.mean((2, 3), keepdim=True)
@@ -53,6 +53,30 @@ def test_closed_form_grad_cam_matches_autograd():
         lo, hi = ref.flatten(1).min(1).values[:, None, None], ref.flatten(1).max(1).values[:, None, None]
         torch.testing.assert_close(cams[:, k], ((ref - lo) / (hi - lo).clamp_min(1e-12)).detach(), atol=1e-5,
                                    rtol=1e-4)
+
+
+def test_score_pooling_scores_every_position_and_maps_where_it_scored():
+    torch.manual_seed(0)
+    head = SliceClassifier(3, 1, hidden=2, pooling="scores").eval()
+    with torch.no_grad():  # score = 2 * channel 0 - 1 at every position (ReLU passes a positive channel 0)
+        head.fc1.weight.zero_(), head.fc1.bias.zero_(), head.fc1.weight[0, 0].fill_(1.0)
+        head.fc2.weight.zero_(), head.fc2.weight[0, 0].fill_(2.0), head.fc2.bias.fill_(-1.0)
+    emb = torch.rand(2, 3, 4, 5)
+    emb[0, 0, 1, 2] = 3.0  # one strong position in the first slice
+    score = 2 * emb[:, 0] - 1
+    expected = torch.log(torch.exp(score).flatten(1).mean(1, keepdim=True))
+    torch.testing.assert_close(head(emb), expected)
+    maps = head.activation_maps(emb)[:, 0]
+    relu = torch.relu(score)
+    lo, hi = relu.flatten(1).min(1).values[:, None, None], relu.flatten(1).max(1).values[:, None, None]
+    torch.testing.assert_close(maps, (relu - lo) / (hi - lo))
+    assert maps[0].argmax().item() == 1 * 5 + 2
+    # a head that averages first would not see the strong position: its logit differs
+    mean_first = SliceClassifier(3, 1, hidden=2, pooling="features").eval()
+    mean_first.load_state_dict(head.state_dict())
+    assert not torch.allclose(mean_first(emb), head(emb))
+    with pytest.raises(ValueError, match="pooling"):
+        SliceClassifier(3, 1, pooling="max")
 
 
 def test_box_from_cam():
@@ -116,6 +140,8 @@ def test_config_errors_name_the_key():
         check_params(tiny_cfg("sam_mix.cls_lr_scale=0"))
     with pytest.raises(ConfigError, match="sam_mix.presence_gap"):
         check_params(tiny_cfg("sam_mix.presence_gap=-2"))
+    with pytest.raises(ConfigError, match="sam_mix.cls_pooling"):
+        check_params(tiny_cfg("sam_mix.cls_pooling=max"))
 
 
 def test_frozen_encoder_run_learns_and_reloads(tmp_path):

@@ -2,9 +2,11 @@
 
 Two branches trained jointly on 2D slices (3D volumes are cut along ``train.slice_axis``; 2D images are one slice):
 
-- **Classifier** (does the slice contain structure k?): GAP -> FC 256 -> ReLU -> Dropout 0.3 -> FC (K-1) on the SAM
-  image embedding, trained with a binary focal loss on image-level labels of every training slice. Its Grad-CAM on
-  the embedding, min-max scaled and thresholded (``cam_threshold``), gives a box around the largest component.
+- **Classifier** (does the slice contain structure k?): FC 256 -> ReLU -> Dropout 0.3 -> FC (K-1) on the SAM image
+  embedding, trained with a binary focal loss on image-level labels of every training slice. With ``cls_pooling:
+  features`` (ADA-SAM) it reads the averaged embedding and its Grad-CAM is the activation map; with ``scores`` it
+  scores every position and the score map is. The map, min-max scaled and thresholded (``cam_threshold``), gives a
+  box around the largest component.
 - **SAM** (LiteMedSAM by default, from :mod:`semiseg.sam`): mask decoder fine-tuned, image encoder frozen with
   LoRA adapters (``lora_rank`` on the attention ``qkv`` / ``proj`` layers). Dice + BCE on the few labelled slices
   (``labelled_slices``, drawn reproducibly from the labelled cases' foreground slices; no other pixel label is read).
@@ -40,7 +42,7 @@ import torch.nn.functional as F
 from ..config import ConfigError
 from ..data.sampling import Batch
 from ..losses import binary_focal_loss, dice_bce_loss, dice_ce_loss
-from ..models.slice_classifier import SliceClassifier
+from ..models.slice_classifier import POOLINGS, SliceClassifier
 from ..sam.backends import Embedding, crop_to_slice, input_frame, resized_size
 from ..sam.engine import SliceEmbeddingCache, content_key
 from .base import Method
@@ -81,6 +83,12 @@ class SamMixParams:
     """The classifier's learning rate as a multiple of ``train.lr``. The classifier learns from scratch while SAM's
     decoder is fine-tuned at ``train.lr`` (1e-4): at that rate it underfits its own training slices (LA, 2000
     iterations: 82% of them classified right, presence probabilities 0.5 to 0.63)."""
+    cls_pooling: str = "features"
+    """features: the classifier's MLP reads the averaged embedding and its Grad-CAM gives the boxes (ADA-SAM's
+    head); scores: the MLP scores every embedding position, the logit pools the scores (log-mean-exp) and the score
+    map gives the boxes (see ``SliceClassifier``)."""
+    cls_hidden: int = 256
+    """Width of the classifier's hidden layer (256 in ADA-SAM's head)."""
     seg_weight: float = 1.0
     focal_alpha: float = 0.5
     focal_gamma: float = 2.0
@@ -170,8 +178,10 @@ class SamMix(Method):
         for key, allowed in choices.items():
             _check(getattr(p, key) in allowed, key, f"must be one of {', '.join(allowed)}, got '{getattr(p, key)}'")
         _check(p.presence_gap >= -1, "presence_gap", f"must be >= -1 (-1: off), got {p.presence_gap}")
+        _check(p.cls_pooling in POOLINGS, "cls_pooling",
+               f"must be one of {', '.join(POOLINGS)}, got '{p.cls_pooling}'")
         _check(p.cls_lr_scale > 0, "cls_lr_scale", f"must be > 0, got {p.cls_lr_scale}")
-        for key in ("labelled_slices", "cls_batch", "seg_batch"):
+        for key in ("labelled_slices", "cls_batch", "seg_batch", "cls_hidden"):
             _check(getattr(p, key) >= 1, key, f"must be >= 1, got {getattr(p, key)}")
         _check(p.lora_rank >= 0, "lora_rank", f"must be >= 0, got {p.lora_rank}")
         for key in ("cam_threshold", "cls_threshold", "focal_alpha"):
@@ -219,7 +229,7 @@ class SamMix(Method):
         with torch.no_grad():
             channels = self.backend.encode(torch.zeros(1, 3, self.input_size, self.input_size, device=device))
         self.emb_size = channels.shape[-1]
-        self.classifier = SliceClassifier(channels.shape[1], self.k)
+        self.classifier = SliceClassifier(channels.shape[1], self.k, hidden=p.cls_hidden, pooling=p.cls_pooling)
         trainable = {n for n, q in self.named_parameters() if q.requires_grad}
         self._frozen = {n for n in super().state_dict() if n.startswith("sam.") and n not in trainable}
         self.train(self.training)
@@ -300,8 +310,7 @@ class SamMix(Method):
 
     def cam_boxes(self, emb: torch.Tensor, sizes: list[tuple[int, int]]) -> tuple[np.ndarray, torch.Tensor]:
         """CAM boxes (B, K, 4) in the input frame and the CAMs (B, K, h, w)."""
-        with torch.no_grad():
-            cams = self.classifier.grad_cam(emb.detach())
+        cams = self.classifier.activation_maps(emb.detach())
         scale = self.input_size / cams.shape[-1]
         arr = cams.cpu().numpy()
         boxes = np.stack([np.stack([box_from_cam(arr[b, k], self.params.cam_threshold, scale, sizes[b])
