@@ -220,5 +220,13 @@ def test_stage2_draws_unlabelled_batches_with_a_patch_per_dataset(tmp_path):
     out = vs.training_step({}, 3)
     parts = ("sup", "chaos", "unl", "cube", "spec")
     assert out["loss"].item() == pytest.approx(sum(out[k].item() for k in parts), rel=1e-5)
+    vs.params.same_dataset_mix = True  # CutMix pairs within a dataset only
+    owner = [0, 1, 0, 1, 1, 0, 0, 1]
+    for _ in range(5):
+        a, b = vs._pairs(owner)
+        assert len(a) == len(b) == 4 and len(set(a + b)) == 8 and [owner[i] for i in a] == [owner[i] for i in b]
+    raw["versemi"]["same_dataset_mix"] = True  # here each dataset has one patch per step: nothing to pair
+    with pytest.raises(ConfigError, match="versemi.same_dataset_mix.*la2018, acdc"):
+        Trainer(config_from_dict(raw), tmp_path / "run2", quiet=True)
     with torch.no_grad():  # the validation window of each dataset follows its patch
         assert vs.predictor("acdc").patch_size == [16, 32, 32]

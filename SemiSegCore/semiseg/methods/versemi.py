@@ -126,6 +126,9 @@ class VerSemiParams:
     task_mix_in_stage2: bool = False
     """Keep stage 1's task-specific loss on labelled CutMix (L_spec) in stage 2 too. The released code drops it, and
     then only L_sup tells the tasks apart while three losses train the synthetic (union) task."""
+    same_dataset_mix: bool = False
+    """CutMix only patches of one dataset, in both stages. The code mixes any two patches of a batch, so an LA cube
+    lands in an ACDC patch, resampled to its shape (16 x 64 x 64 from 48 x 48 x 32 here)."""
     infer_dataset: str = ""
     """Dataset whose tasks ``predict_logits`` (validation, ``semiseg predict``) prompts; default the first."""
 
@@ -262,6 +265,10 @@ class VerSemi(Method):
         if cfg.data.num_classes < max(first.spec.tasks.values()) + 1:
             raise ConfigError(f"config key 'data.num_classes' ({cfg.data.num_classes}) is too small for the tasks "
                               f"{first.spec.tasks} of the first dataset")
+        small = [d.name for d in self.data if d.batch_size < 2]
+        if p.same_dataset_mix and small:
+            raise ConfigError(f"config key 'versemi.same_dataset_mix' needs at least 2 labelled patches per step of "
+                              f"every dataset (batch_size), got fewer for {', '.join(small)}")
         self.tasks: list[Task] = []
         for d in self.data:
             for name, value in d.spec.tasks.items():
@@ -440,16 +447,28 @@ class VerSemi(Method):
         logits = self._prompts(images, requests)
         return self._pooled_loss(logits, targets, [t for _, t in requests], ce=True)
 
-    def _pairs(self, n: int) -> tuple[list[int], list[int]]:
-        perm = torch.randperm(n).tolist()
-        half = n // 2
-        return perm[:half], perm[half:2 * half]
+    def _pairs(self, owner: list[int]) -> tuple[list[int], list[int]]:
+        """Random disjoint pairs (a, b) of patch indices; with ``same_dataset_mix`` both of a pair's patches come
+        from one dataset."""
+        groups = [list(range(len(owner)))]
+        if self.params.same_dataset_mix:
+            groups = [[i for i, o in enumerate(owner) if o == d] for d in sorted(set(owner))]
+        a, b = [], []
+        for group in groups:
+            perm = [group[i] for i in torch.randperm(len(group)).tolist()]
+            half = len(perm) // 2
+            a, b = a + perm[:half], b + perm[half:2 * half]
+        return a, b
+
+    @staticmethod
+    def _one_of(indices: list[int]) -> int:
+        return indices[int(torch.randint(len(indices), ()))]
 
     def _labelled_mix(self, images, labels, owner, ratio, specific: bool):
         """CutMix of labelled pairs (b's cube pasted into a; b resampled to a's patch if they differ): the
         synthetic-task Dice against the union labels and, with ``specific``, the mean task-specific Dice (each task
         of a or b on the mix, target = its structure where it came from)."""
-        a, b = self._pairs(len(images))
+        a, b = self._pairs(owner)
         if not a:
             raise ValueError("versemi needs at least two labelled patches per step for CutMix")
         mixes, unions, requests, targets = [], [], [], []
@@ -496,9 +515,12 @@ class VerSemi(Method):
             return {"loss": loss, "sup": l_sup.detach(), "chaos": l_chaos.detach(), "spec": l_spec.detach()}
         l_chaos_sup, l_spec = self._labelled_mix(images, labels, owner, p.cube_ratio_range,
                                                  specific=p.task_mix_in_stage2)
-        unl, _, _ = self._draw("unlabelled_sampler")
+        unl, _, unl_owner = self._draw("unlabelled_sampler")
         n = min(len(unl), len(images))
         keep = torch.randperm(len(images))[:n].tolist()
+        if p.same_dataset_mix:  # each unlabelled patch gets a labelled patch of its own dataset
+            keep = [self._one_of([i for i, o in enumerate(owner) if o == unl_owner[j]] or list(range(len(images))))
+                    for j in range(n)]
         mixes, cube_labels, masks, requests = [], [], [], []
         per = len(self.tasks) + 1
         for j in range(n):  # a labelled patch's cube pasted into an unlabelled patch
