@@ -14,7 +14,7 @@ import torch.nn as nn
 from semiseg.config import ConfigError, load_config
 from semiseg.losses import binary_focal_loss, dice_bce_loss
 from semiseg.methods import check_params
-from semiseg.methods.sam_mix import NEGATIVE_LOGIT, box_from_cam, one_run
+from semiseg.methods.sam_mix import NEGATIVE_LOGIT, box_from_cam, one_run, volume_presence
 from semiseg.models.slice_classifier import SliceClassifier
 from semiseg.models.lora import LoRALinear, add_lora, load_lora, lora_state_dict, save_lora
 
@@ -79,6 +79,17 @@ def test_score_pooling_scores_every_position_and_maps_where_it_scored():
         SliceClassifier(3, 1, pooling="max")
 
 
+def test_volume_presence_uses_the_volume_s_own_range():
+    # slices without the structure sit at 0.6 in this volume, with it at 0.8-0.9; slice 4 is a dip inside the run
+    prob = np.array([0.6, 0.6, 0.6, 0.85, 0.7, 0.9, 0.8, 0.6, 0.6, 0.6])[:, None]
+    assert volume_presence(prob, 0.5, None, -1)[:, 0].all()  # the fixed threshold finds every slice
+    # relative 0.5: lo 0.6, hi 0.855 (10th / 90th percentiles), threshold 0.7275: slices 3, 5, 6; the gap of 1 joined
+    assert volume_presence(prob, 0.5, 0.5, 1)[:, 0].nonzero()[0].tolist() == [3, 4, 5, 6]
+    assert volume_presence(prob, 0.5, 0.5, -1)[:, 0].nonzero()[0].tolist() == [3, 5, 6]
+    # a volume where no slice passes the fixed threshold has no structure, whatever its range
+    assert not volume_presence(prob - 0.45, 0.5, 0.5, 1).any()
+
+
 def test_box_from_cam():
     cam = np.zeros((16, 16), np.float32)
     cam[2:5, 3:9] = 1.0  # largest component: rows 2..4, columns 3..8
@@ -140,6 +151,8 @@ def test_config_errors_name_the_key():
         check_params(tiny_cfg("sam_mix.cls_lr_scale=0"))
     with pytest.raises(ConfigError, match="sam_mix.presence_gap"):
         check_params(tiny_cfg("sam_mix.presence_gap=-2"))
+    with pytest.raises(ConfigError, match="sam_mix.presence_relative"):
+        check_params(tiny_cfg("sam_mix.presence_relative=1.5"))
     with pytest.raises(ConfigError, match="sam_mix.cls_pooling"):
         check_params(tiny_cfg("sam_mix.cls_pooling=max"))
 
