@@ -90,6 +90,24 @@ def test_volume_presence_uses_the_volume_s_own_range():
     assert not volume_presence(prob - 0.45, 0.5, 0.5, 1).any()
 
 
+def test_a_finished_run_may_be_rescored_with_other_presence_rules(tmp_path):
+    """Presence rules act only at inference, so a run resumes (and is evaluated again) with other values; a key that
+    changes training (the box threshold also makes training prompts) still refuses to resume."""
+    from semiseg.config import save_config
+    from semiseg.errors import RunDirError
+    from semiseg.train.rundir import prepare_run_dir
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"")
+    save_config(tiny_cfg(), tmp_path / "config.yaml")
+    changed = prepare_run_dir(tiny_cfg("sam_mix.presence_relative=0.4", "sam_mix.cls_threshold=0.6"), tmp_path)
+    assert changed == ["sam_mix.cls_threshold", "sam_mix.presence_relative"]
+    assert "presence_relative: 0.4" in (tmp_path / "config.yaml").read_text()
+    with pytest.raises(RunDirError, match="sam_mix.cam_threshold"):
+        prepare_run_dir(tiny_cfg("sam_mix.presence_relative=0.4", "sam_mix.cls_threshold=0.6",
+                                 "sam_mix.cam_threshold=0.3"), tmp_path)
+
+
 def test_box_from_cam():
     cam = np.zeros((16, 16), np.float32)
     cam[2:5, 3:9] = 1.0  # largest component: rows 2..4, columns 3..8

@@ -24,6 +24,9 @@ class Method(nn.Module):
     needs_unlabelled: bool = False
     """Load the unlabelled cases (``ctx.unlabelled``); by default also draw an ``unlabelled`` batch every step."""
     Params = NoParams
+    inference_only_params: tuple = ()
+    """Keys of the method's config section that change only how a trained model predicts, so a finished run may
+    resume (and be evaluated again) with other values (``train.rundir.prepare_run_dir``)."""
     whole_image_inference: bool = False
     """``predict_logits`` takes whole images (or slices) and resizes them itself, so the predictor gives it one
     window per image instead of sliding windows of ``infer.patch_size``."""

@@ -189,6 +189,7 @@ class SliceItem:
 class SamMix(Method):
     name = "sam_mix"
     Params = SamMixParams
+    inference_only_params = ("cls_threshold", "presence_gap", "presence_relative")
     whole_image_inference = True  # every variant resizes whole slices to SAM's input, in training as in inference
 
     @classmethod

@@ -81,8 +81,8 @@ def config_changes(saved: dict, cfg: Config) -> dict[str, tuple]:
 
 def prepare_run_dir(cfg: Config, run_dir: str | Path, force_new: bool = False) -> list[str]:
     """Get ``run_dir`` ready for a (re)start; call it with the lock held. Removes ``.tmp-*`` files a killed run left
-    behind. An existing run resumes only if its ``config.yaml`` matches ``cfg`` up to the RESUMABLE keys (which are
-    then updated there, and returned); otherwise a RunDirError shows the differences. ``force_new`` moves an
+    behind. An existing run resumes only if its ``config.yaml`` matches ``cfg`` up to the RESUMABLE keys and the
+    method's ``inference_only_params`` (which are then updated there, and returned); otherwise a RunDirError shows the differences. ``force_new`` moves an
     existing run into ``<run>/replaced-<time>/`` and starts over; a run that never wrote a checkpoint (a failed
     first start) simply starts over."""
     run_dir = Path(run_dir)
@@ -107,7 +107,10 @@ def prepare_run_dir(cfg: Config, run_dir: str | Path, force_new: bool = False) -
         saved_path.unlink()
         (run_dir / "manifest.json").unlink(missing_ok=True)
         return []
-    fixed = [k for k in changes if k not in RESUMABLE]
+    from ..methods import get_method_class
+
+    inference_only = {f"{cfg.method}.{k}" for k in get_method_class(cfg.method).inference_only_params}
+    fixed = [k for k in changes if k not in RESUMABLE and k not in inference_only]
     if fixed:
         shown = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in fixed[:6])
         more = f"; and {len(fixed) - 6} more" if len(fixed) > 6 else ""
