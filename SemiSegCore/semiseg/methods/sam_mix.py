@@ -1,12 +1,12 @@
-"""SAM-Mix (arXiv 2412.08575): a slice classifier whose Grad-CAM prompts a LoRA-adapted SAM.
+"""SAM-Mix (arXiv 2412.08575): a slice classifier whose activation maps prompt a LoRA-adapted SAM.
 
 Two branches trained jointly on 2D slices (3D volumes are cut along ``train.slice_axis``; 2D images are one slice):
 
-- **Classifier** (does the slice contain structure k?): FC 256 -> ReLU -> Dropout 0.3 -> FC (K-1) on the SAM image
-  embedding, trained with a binary focal loss on image-level labels of every training slice. With ``cls_pooling:
-  features`` (ADA-SAM) it reads the averaged embedding and its Grad-CAM is the activation map; with ``scores`` it
-  scores every position and the score map is. The map, min-max scaled and thresholded (``cam_threshold``), gives a
-  box around the largest component.
+- **Classifier** (does the slice contain structure k?): FC (``cls_hidden``, 256) -> ReLU -> Dropout 0.3 -> FC (K-1)
+  on the SAM image embedding, trained with a binary focal loss on image-level labels of every training slice. With
+  ``cls_pooling: features`` (ADA-SAM) it reads the averaged embedding and its Grad-CAM is the activation map; with
+  ``scores`` it scores every position and the score map is. The map, min-max scaled and thresholded
+  (``cam_threshold``), gives a box around the largest component.
 - **SAM** (LiteMedSAM by default, from :mod:`semiseg.sam`): mask decoder fine-tuned, image encoder frozen with
   LoRA adapters (``lora_rank`` on the attention ``qkv`` / ``proj`` layers). Dice + BCE on the few labelled slices
   (``labelled_slices``, drawn reproducibly from the labelled cases' foreground slices; no other pixel label is read).
@@ -15,10 +15,10 @@ Two branches trained jointly on 2D slices (3D volumes are cut along ``train.slic
   :class:`semiseg.sam.SliceEmbeddingCache` shared by the runs of one process.
 
 Inference never looks at a reference: for each slice and structure the classifier decides presence
-(``cls_threshold``; in a volume, optionally the volume's own threshold, ``presence_relative``, and the slices found
-are made one run per structure, ``presence_gap``), the CAM gives
-the box (and, with ``mask_prompt``, a dense prompt), and the decoder gives the mask. Structures a slice lacks get a
-fixed negative logit.
+(``cls_threshold``, or in a volume optionally the volume's own threshold, ``presence_relative``; in a volume the
+slices found are made one run per structure, ``presence_gap``), the activation map gives the box (and, with
+``mask_prompt``, a dense prompt), and the decoder gives the mask. Structures a slice lacks get a fixed negative
+logit.
 
 Choices where the paper is silent (see seeds.md section 4): the classifier sits on the SAM embedding as in the
 authors' ADA-SAM (not a separate ResNet-38), Grad-CAM is computed in closed form for that head

@@ -82,9 +82,9 @@ def config_changes(saved: dict, cfg: Config) -> dict[str, tuple]:
 def prepare_run_dir(cfg: Config, run_dir: str | Path, force_new: bool = False) -> list[str]:
     """Get ``run_dir`` ready for a (re)start; call it with the lock held. Removes ``.tmp-*`` files a killed run left
     behind. An existing run resumes only if its ``config.yaml`` matches ``cfg`` up to the RESUMABLE keys and the
-    method's ``inference_only_params`` (which are then updated there, and returned); otherwise a RunDirError shows the differences. ``force_new`` moves an
-    existing run into ``<run>/replaced-<time>/`` and starts over; a run that never wrote a checkpoint (a failed
-    first start) simply starts over."""
+    method's ``inference_only_params`` (which are then updated there, and returned); otherwise a RunDirError shows
+    the differences. ``force_new`` moves an existing run into ``<run>/replaced-<time>/`` and starts over; a run that
+    never wrote a checkpoint (a failed first start) simply starts over."""
     run_dir = Path(run_dir)
     for tmp in [*run_dir.glob(".tmp-*"), *(run_dir / "checkpoints").glob(".tmp-*")]:
         tmp.unlink(missing_ok=True)
