@@ -159,20 +159,15 @@ def test_lora_identity_at_start_and_save_load(tmp_path):
 
 
 def test_config_errors_name_the_key():
-    with pytest.raises(ConfigError, match="sam_mix.variant"):
-        check_params(tiny_cfg("sam_mix.variant=resnet"))
-    with pytest.raises(ConfigError, match="sam_mix.cam_threshold"):
-        check_params(tiny_cfg("sam_mix.cam_threshold=1.5"))
-    with pytest.raises(ConfigError, match="sam_mix.lora_rnk.*lora_rank"):
-        check_params(tiny_cfg("sam_mix.lora_rnk=4"))
-    with pytest.raises(ConfigError, match="sam_mix.cls_lr_scale"):
-        check_params(tiny_cfg("sam_mix.cls_lr_scale=0"))
-    with pytest.raises(ConfigError, match="sam_mix.presence_gap"):
-        check_params(tiny_cfg("sam_mix.presence_gap=-2"))
-    with pytest.raises(ConfigError, match="sam_mix.presence_relative"):
-        check_params(tiny_cfg("sam_mix.presence_relative=1.5"))
-    with pytest.raises(ConfigError, match="sam_mix.cls_pooling"):
-        check_params(tiny_cfg("sam_mix.cls_pooling=max"))
+    for override, key in (("sam_mix.variant=resnet", "sam_mix.variant"),
+                          ("sam_mix.cam_threshold=1.5", "sam_mix.cam_threshold"),
+                          ("sam_mix.lora_rnk=4", "sam_mix.lora_rnk.*lora_rank"),
+                          ("sam_mix.cls_lr_scale=0", "sam_mix.cls_lr_scale"),
+                          ("sam_mix.presence_gap=-2", "sam_mix.presence_gap"),
+                          ("sam_mix.presence_relative=1.5", "sam_mix.presence_relative"),
+                          ("sam_mix.cls_pooling=max", "sam_mix.cls_pooling")):
+        with pytest.raises(ConfigError, match=key):
+            check_params(tiny_cfg(override))
 
 
 def test_frozen_encoder_run_learns_and_reloads(tmp_path):

@@ -519,8 +519,7 @@ class VerSemi(Method):
         n = min(len(unl), len(images))
         keep = torch.randperm(len(images))[:n].tolist()
         if p.same_dataset_mix:  # each unlabelled patch gets a labelled patch of its own dataset
-            keep = [self._one_of([i for i, o in enumerate(owner) if o == unl_owner[j]] or list(range(len(images))))
-                    for j in range(n)]
+            keep = [self._one_of([i for i, o in enumerate(owner) if o == unl_owner[j]]) for j in range(n)]
         mixes, cube_labels, masks, requests = [], [], [], []
         per = len(self.tasks) + 1
         for j in range(n):  # a labelled patch's cube pasted into an unlabelled patch

@@ -34,11 +34,15 @@ class SliceClassifier(nn.Module):
         h = F.relu(self.fc1(x))
         return self.fc2(self.drop(h) if dropout else h)
 
+    def score_maps(self, emb: torch.Tensor, dropout: bool = True) -> torch.Tensor:
+        """The MLP at every embedding position: (B, K, h, w)."""
+        return self.mlp(emb.permute(0, 2, 3, 1), dropout).permute(0, 3, 1, 2)
+
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         if self.pooling == "features":
             return self.mlp(emb.mean((2, 3)))
-        scores = self.mlp(emb.permute(0, 2, 3, 1)).flatten(1, 2)  # (B, positions, K)
-        return torch.logsumexp(scores, 1) - math.log(scores.shape[1])
+        scores = self.score_maps(emb).flatten(2)  # (B, K, positions)
+        return torch.logsumexp(scores, 2) - math.log(scores.shape[2])
 
     def activation_maps(self, emb: torch.Tensor) -> torch.Tensor:
         """Maps (B, K, h, w) in [0, 1], min-max scaled per map, without autograd and with dropout as in eval mode:
@@ -47,7 +51,7 @@ class SliceClassifier(nn.Module):
             if self.pooling == "features":
                 cam = self.grad_cam(emb)
             else:
-                cam = F.relu(self.mlp(emb.permute(0, 2, 3, 1), dropout=False).permute(0, 3, 1, 2))
+                cam = F.relu(self.score_maps(emb, dropout=False))
         lo = cam.flatten(2).min(-1).values[..., None, None]
         hi = cam.flatten(2).max(-1).values[..., None, None]
         return (cam - lo) / (hi - lo).clamp_min(1e-12)
