@@ -86,6 +86,7 @@ def _raw(tmp_path: Path | None = None) -> dict:
     (lambda r: r["versemi"]["datasets"][1].pop("root"), "versemi.datasets[1].root"),
     (lambda r: r["versemi"]["datasets"][1].update(spacing=1), "versemi.datasets[1].spacing"),
     (lambda r: r["versemi"].update(cube_ratio_range=[0.6, 0.3]), "versemi.cube_ratio_range"),
+    (lambda r: r["versemi"].update(mix_weight=-0.5), "versemi.mix_weight"),
 ])
 def test_config_errors_name_the_key(edit, key):
     raw = _raw()
@@ -220,6 +221,28 @@ def test_stage2_draws_unlabelled_batches_with_a_patch_per_dataset(tmp_path):
     out = vs.training_step({}, 3)
     parts = ("sup", "chaos", "unl", "cube", "spec")
     assert out["loss"].item() == pytest.approx(sum(out[k].item() for k in parts), rel=1e-5)
+    vs.params.mix_weight = 0.25  # the labelled CutMix losses weighted, in both stages
+    out = vs.training_step({}, 3)
+    expected = out["sup"] + out["unl"] + out["cube"] + 0.25 * (out["chaos"] + out["spec"])
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    out = vs.training_step({}, 1)
+    assert out["loss"].item() == pytest.approx((out["sup"] + 0.25 * (out["chaos"] + out["spec"])).item(), rel=1e-5)
+    vs.params.mix_weight = 0.0  # no labelled mixes at all
+    assert set(vs.training_step({}, 1)) == {"loss", "sup"} and "chaos" not in vs.training_step({}, 3)
+    with torch.no_grad():  # L_sup: one mean over the 4 tasks, or with balance_datasets LA's 1 and ACDC's 3 weigh alike
+        images, labels, owner = vs._draw("sampler")
+        requests = [(i, t.id) for i in range(len(images)) for t in vs.tasks_of(owner[i])]
+        logits = vs._prompts(images, requests)
+
+        def task_loss(task):
+            sel = [k for k, (_, t) in enumerate(requests) if t == task.id]
+            return vs._pooled_loss([logits[k] for k in sel], [labels[requests[k][0]] == task.value for k in sel],
+                                   [task.id] * len(sel), ce=True).item()
+
+        la, acdc = task_loss(vs.tasks[0]), [task_loss(t) for t in vs.tasks[1:]]
+        assert len(acdc) == 3 and float(vs._supervised(images, labels, owner)) == pytest.approx((la + sum(acdc)) / 4)
+        vs.params.balance_datasets = True
+        assert float(vs._supervised(images, labels, owner)) == pytest.approx((la + sum(acdc) / 3) / 2)
     vs.params.same_dataset_mix = True  # CutMix pairs within a dataset only
     owner = [0, 1, 0, 1, 1, 0, 0, 1]
     for _ in range(5):

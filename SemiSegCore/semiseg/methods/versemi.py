@@ -10,13 +10,14 @@ M that is 1 except for a cube of side ``cube_ratio`` x patch (where b is pasted 
     L_sup   = Dice + CE of every sample for every task of its dataset, with that task's prompt
     L_chaos = Dice(synthetic prompt on x_a M + x_b (1-M), union_a M + union_b (1-M))
     L_spec  = Dice of each task of a or b on the mix, target = its structure where it came from (mean over tasks)
+    L = L_sup + w (L_chaos + L_spec), w = ``mix_weight`` (1 as released)
 Stage 2 (from ``unlabelled_start``; in the paper, commented out in the released code), with a labelled batch l and
 an unlabelled batch u and a cube side drawn from ``cube_ratio_range``:
     L_sup as above; L_chaos_sup = L_chaos on a new labelled pair mix
     x_c = x_u M + x_l (1-M) (a labelled cube pasted into an unlabelled patch)
     L_unl  = Dice(synthetic prompt on x_c, voxelwise max over all task prompts on x_c)
     L_cube = Dice(synthetic prompt on x_c, union_l) inside the pasted cube
-    L = L_sup + L_chaos_sup + unlabelled_weight * L_unl + L_cube (+ L_spec on the labelled mix, with
+    L = L_sup + w L_chaos_sup + unlabelled_weight * L_unl + L_cube (+ w L_spec on the labelled mix, with
     ``task_mix_in_stage2``; ``detach_aggregate`` stops L_unl's gradient through the task prompts)
 Dice here is VerSemi's (V-Net) loss on a foreground probability, 1 - (2 sum pg + eps) / (sum p^2 + sum g^2 + eps),
 pooled over the batch separately for each task.
@@ -126,6 +127,13 @@ class VerSemiParams:
     task_mix_in_stage2: bool = False
     """Keep stage 1's task-specific loss on labelled CutMix (L_spec) in stage 2 too. The released code drops it, and
     then only L_sup tells the tasks apart while three losses train the synthetic (union) task."""
+    mix_weight: float = 1.0
+    """Weight of the labelled CutMix losses (L_chaos and L_spec; in stage 2 L_chaos_sup and, with
+    ``task_mix_in_stage2``, L_spec); 0 leaves them out. 1 as released; in the CPU benchmark they slow LA's learning
+    (docs/benchmarks.md)."""
+    balance_datasets: bool = False
+    """L_sup as the mean over datasets of each dataset's mean over its tasks, so a one-task dataset (LA) weighs as
+    much as a three-task one (ACDC); default one mean over all tasks."""
     same_dataset_mix: bool = False
     """CutMix only patches of one dataset, in both stages. The code mixes any two patches of a batch, so an LA cube
     lands in an ACDC patch, resampled to its shape (16 x 64 x 64 from 48 x 48 x 32 here)."""
@@ -166,6 +174,8 @@ class VerSemiParams:
         if len(self.cube_ratio_range) != 2 or not 0 < self.cube_ratio_range[0] <= self.cube_ratio_range[1] < 1:
             raise ConfigError(f"config key 'versemi.cube_ratio_range' must be [low, high] with 0 < low <= high < 1, "
                               f"got {self.cube_ratio_range}")
+        if self.mix_weight < 0:
+            raise ConfigError(f"config key 'versemi.mix_weight' must be >= 0, got {self.mix_weight}")
         if not 0 < self.cube_ratio < 1:
             raise ConfigError(f"config key 'versemi.cube_ratio' must be in (0, 1), got {self.cube_ratio}")
         if self.head_norm not in ("batch", "group", "instance", "none"):
@@ -445,7 +455,15 @@ class VerSemi(Method):
                 requests.append((i, t.id))
                 targets.append(y == t.value)
         logits = self._prompts(images, requests)
-        return self._pooled_loss(logits, targets, [t for _, t in requests], ce=True)
+        tasks = [t for _, t in requests]
+        if not self.params.balance_datasets:
+            return self._pooled_loss(logits, targets, tasks, ce=True)
+        per_dataset = []
+        for d in sorted(set(owner)):
+            sel = [k for k, (i, _) in enumerate(requests) if owner[i] == d]
+            per_dataset.append(self._pooled_loss([logits[k] for k in sel], [targets[k] for k in sel],
+                                                 [tasks[k] for k in sel], ce=True))
+        return torch.stack(per_dataset).mean()
 
     def _pairs(self, owner: list[int]) -> tuple[list[int], list[int]]:
         """Random disjoint pairs (a, b) of patch indices; with ``same_dataset_mix`` both of a pair's patches come
@@ -499,6 +517,14 @@ class VerSemi(Method):
         spec = [(lg, t) for lg, (_, t) in zip(logits, requests) if t != self.synthetic]
         return l_chaos, self._pooled_loss([lg for lg, _ in spec], targets, [t for _, t in spec], ce=False)
 
+    def _weighted_mix(self, images, labels, owner, ratio, specific: bool):
+        """(``mix_weight`` x the labelled CutMix losses, their logged values); nothing is mixed with weight 0."""
+        if self.params.mix_weight == 0:
+            return 0.0, {}
+        l_chaos, l_spec = self._labelled_mix(images, labels, owner, ratio, specific)
+        parts = {"chaos": l_chaos} if l_spec is None else {"chaos": l_chaos, "spec": l_spec}
+        return self.params.mix_weight * sum(parts.values()), {k: v.detach() for k, v in parts.items()}
+
     def in_stage2(self, step: int) -> bool:
         return self.stage2_from is not None and step >= self.stage2_from
 
@@ -509,12 +535,11 @@ class VerSemi(Method):
         p = self.params
         images, labels, owner = self._draw("sampler")
         l_sup = self._supervised(images, labels, owner)
-        if not self.in_stage2(step):
-            l_chaos, l_spec = self._labelled_mix(images, labels, owner, p.cube_ratio, specific=True)
-            loss = l_sup + l_chaos + l_spec
-            return {"loss": loss, "sup": l_sup.detach(), "chaos": l_chaos.detach(), "spec": l_spec.detach()}
-        l_chaos_sup, l_spec = self._labelled_mix(images, labels, owner, p.cube_ratio_range,
-                                                 specific=p.task_mix_in_stage2)
+        stage2 = self.in_stage2(step)
+        l_mix, mix_parts = self._weighted_mix(images, labels, owner, p.cube_ratio_range if stage2 else p.cube_ratio,
+                                              specific=p.task_mix_in_stage2 or not stage2)
+        if not stage2:
+            return {"loss": l_sup + l_mix, "sup": l_sup.detach(), **mix_parts}
         unl, _, unl_owner = self._draw("unlabelled_sampler")
         n = min(len(unl), len(images))
         keep = torch.randperm(len(images))[:n].tolist()
@@ -538,13 +563,9 @@ class VerSemi(Method):
         l_unl = pooled_dice_loss(torch.cat([s.flatten() for s in syn]), torch.cat([a.flatten() for a in aggregate]))
         l_cube = pooled_dice_loss(torch.cat([(s * (1 - m)).flatten() for s, m in zip(syn, masks)]),
                            torch.cat([(y * (1 - m)).flatten() for y, m in zip(cube_labels, masks)]))
-        loss = l_sup + l_chaos_sup + p.unlabelled_weight * l_unl + l_cube
-        out = {"sup": l_sup.detach(), "chaos": l_chaos_sup.detach(), "unl": l_unl.detach(), "cube": l_cube.detach(),
-               "unlabelled_patches": torch.tensor(float(len(unl)))}
-        if l_spec is not None:
-            loss = loss + l_spec
-            out["spec"] = l_spec.detach()
-        return {"loss": loss, **out}
+        loss = l_sup + l_mix + p.unlabelled_weight * l_unl + l_cube
+        return {"loss": loss, "sup": l_sup.detach(), **mix_parts, "unl": l_unl.detach(), "cube": l_cube.detach(),
+                "unlabelled_patches": torch.tensor(float(len(unl)))}
 
     # -- inference --------------------------------------------------------------------------------------------
     def task_probs(self, x: torch.Tensor, dataset: int) -> torch.Tensor:
