@@ -165,20 +165,26 @@ def test_config_errors_name_the_key():
                           ("sam_mix.cls_lr_scale=0", "sam_mix.cls_lr_scale"),
                           ("sam_mix.presence_gap=-2", "sam_mix.presence_gap"),
                           ("sam_mix.presence_relative=1.5", "sam_mix.presence_relative"),
-                          ("sam_mix.cls_pooling=max", "sam_mix.cls_pooling")):
+                          ("sam_mix.cls_pooling=max", "sam_mix.cls_pooling"),
+                          ("sam_mix.box_source=unet", "sam_mix.box_source")):
         with pytest.raises(ConfigError, match=key):
             check_params(tiny_cfg(override))
+    with pytest.raises(ConfigError, match="sam_mix.box_source.*labelled slices.*frozen_sam"):
+        check_params(tiny_cfg("sam_mix.box_source=mask_head", "sam_mix.variant=frozen_sam"))
 
 
-def test_frozen_encoder_run_learns_and_reloads(tmp_path):
+@pytest.mark.parametrize("box_source", ["cam", "mask_head"])
+def test_frozen_encoder_run_learns_and_reloads(tmp_path, box_source):
     """Frozen encoder (cached embeddings): a few real steps on one labelled slice lower its loss (reference box,
-    measured before and after); the classifier learns at ``cls_lr_scale`` times the decoder's rate; the checkpoint
-    holds the decoder and classifier but no encoder weights and reloads to the same prediction."""
+    measured before and after); the classifier (and the box head) learn at ``cls_lr_scale`` times the decoder's
+    rate; the checkpoint holds the decoder, classifier and box head but no encoder weights and reloads to the same
+    prediction."""
     from semiseg.runs import load_predictor
     from semiseg.train.trainer import Trainer
 
     cfg = tiny_cfg("sam_mix.lora_rank=0", "sam_mix.labelled_slices=1", "sam_mix.train_prompt=gt",
-                   "sam_mix.box_jitter=0.0", "sam_mix.cls_batch=1", "train.lr=0.0003", "train.iterations=5")
+                   "sam_mix.box_jitter=0.0", "sam_mix.cls_batch=1", "train.lr=0.0003", "train.iterations=5",
+                   f"sam_mix.box_source={box_source}")
     trainer = Trainer(cfg, tmp_path / "run", quiet=True)
     method = trainer.method
     method.on_step(trainer.context, 0)
@@ -193,9 +199,10 @@ def test_frozen_encoder_run_learns_and_reloads(tmp_path):
     before = seg_loss()
     for step in range(5):
         method.on_step(trainer.context, step)
-        trainer.train_step()
+        parts = trainer.train_step()
         trainer.step += 1
     assert seg_loss() < before
+    assert ("box" in parts) == (box_source == "mask_head")
     lr_of = {id(q): g["lr"] for g in trainer.optimizer.param_groups for q in g["params"]}
     decoder_lr = lr_of[id(next(method.sam.mask_decoder.parameters()))]
     assert lr_of[id(method.classifier.fc1.weight)] == pytest.approx(method.params.cls_lr_scale * decoder_lr)
@@ -204,12 +211,45 @@ def test_frozen_encoder_run_learns_and_reloads(tmp_path):
     state = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=False)["method"]
     assert not any(k.startswith("sam.image_encoder") for k in state)
     assert any(k.startswith("sam.mask_decoder") for k in state) and "classifier.fc1.weight" in state
+    assert ("box_head.out.weight" in state) == (box_source == "mask_head")
+    if box_source == "mask_head":
+        assert lr_of[id(method.box_head.out.weight)] == pytest.approx(method.params.cls_lr_scale * decoder_lr)
     case = trainer.val[0]
     method.eval()
     ours = trainer.predictor().predict_array(case.image[:, 4:5])  # one slice
     again = load_predictor(tmp_path / "run", device="cpu").predict_array(case.image[:, 4:5])
     np.testing.assert_allclose(ours, again, atol=1e-5)
     assert ours.shape == (4, 1) + case.image.shape[2:]
+
+
+def test_box_head_boxes_find_the_structure_it_learned(tmp_path):
+    """``box_source: mask_head``: trained (its own loss only) on one real labelled slice, the box head's probability
+    map gives a box that overlaps the slice's reference box, and the thresholded map is what a dense prompt gets."""
+    from semiseg.methods.sam_mix import box_from_mask
+    from semiseg.train.trainer import Trainer
+
+    cfg = tiny_cfg("sam_mix.lora_rank=0", "sam_mix.labelled_slices=1", "sam_mix.box_source=mask_head")
+    method = Trainer(cfg, tmp_path / "run", quiet=True).method
+    item = method.seg_items[0]
+    emb = method.embed(item.pixels[None])
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(method.box_head.parameters(), 1e-3)
+    for _ in range(80):
+        loss = method._box_head_loss(emb, item.label[None])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    method.eval()
+    boxes, maps = method.cam_boxes(emb, [item.size])
+    label = item.label.numpy()
+    for k in range(method.k):
+        if not (label == k + 1).any():
+            continue
+        a, b = boxes[0, k], box_from_mask(label == k + 1)
+        inter = np.prod(np.clip(np.minimum(a[2:], b[2:]) - np.maximum(a[:2], b[:2]) + 1, 0, None))
+        iou = inter / (np.prod(a[2:] - a[:2] + 1) + np.prod(b[2:] - b[:2] + 1) - inter)
+        assert iou > 0.5, (k, a, b)
+    assert set(np.unique(maps.numpy())) <= {0.0, 1.0} and maps.sum() > 0
 
 
 def test_lora_step_trains_adapters_only_in_encoder(tmp_path):

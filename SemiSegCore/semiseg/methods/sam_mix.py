@@ -6,7 +6,9 @@ Two branches trained jointly on 2D slices (3D volumes are cut along ``train.slic
   on the SAM image embedding, trained with a binary focal loss on image-level labels of every training slice. With
   ``cls_pooling: features`` (ADA-SAM) it reads the averaged embedding and its Grad-CAM is the activation map; with
   ``scores`` it scores every position and the score map is. The map, min-max scaled and thresholded
-  (``cam_threshold``), gives a box around the largest component.
+  (``cam_threshold``), gives a box around the largest component. With ``box_source: mask_head`` the boxes come
+  instead from a small convolutional head on the embedding trained on the labelled slices' masks (``BoxHead``; not
+  in the paper); presence stays the classifier's.
 - **SAM** (LiteMedSAM by default, from :mod:`semiseg.sam`): mask decoder fine-tuned, image encoder frozen with
   LoRA adapters (``lora_rank`` on the attention ``qkv`` / ``proj`` layers). Dice + BCE on the few labelled slices
   (``labelled_slices``, drawn reproducibly from the labelled cases' foreground slices; no other pixel label is read).
@@ -38,6 +40,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError
@@ -56,6 +59,27 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 NEGATIVE_LOGIT = -20.0
 """Mask logit of a structure the classifier says is absent from a slice."""
+
+BOX_HEAD_THRESHOLD = 0.5
+"""The box head's box surrounds the largest component where its probability is at least this (or at least half its
+maximum, where no position reaches it)."""
+
+
+class BoxHead(nn.Module):
+    """Where each structure lies on the SAM embedding grid (B, K, h, w logits): two 3x3 convolutions (64 channels,
+    ReLU), dropout, and a 1x1 convolution per structure. Trained on the labelled slices' masks pooled to the grid;
+    only its boxes are used (``box_source: mask_head``)."""
+
+    def __init__(self, channels: int, num_structures: int, hidden: int = 64, dropout: float = 0.3):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(channels, hidden, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU())
+        self.drop = nn.Dropout2d(dropout)
+        self.out = nn.Conv2d(hidden, num_structures, 1)
+
+    def forward(self, emb: torch.Tensor, dropout: bool = True) -> torch.Tensor:
+        h = self.features(emb)
+        return self.out(self.drop(h) if dropout else h)
 
 
 @dataclass
@@ -105,8 +129,15 @@ class SamMixParams:
     some slice passes ``cls_threshold``), instead of ``cls_threshold``. The classifier's probabilities shift from
     volume to volume (LA: slices without atrium at 0.2-0.3 in one volume, 0.6 in another); the range within a
     volume is steadier. null: ``cls_threshold`` alone."""
+    box_source: str = "cam"
+    """Where the boxes come from. cam: the classifier's activation map (the paper). mask_head: a small
+    convolutional head on the SAM embedding (``BoxHead``), trained with BCE on the labelled slices' masks pooled to
+    the embedding grid; its probability map (>= 0.5, else >= half its maximum) gives the box. On LA, with the same
+    cached embeddings, its boxes overlap the reference boxes more than the scoring head's CAM boxes (IoU 0.63 vs
+    0.45 on 2 validation volumes, 0.56 vs 0.37 on 4 volumes outside the run's splits). Presence stays the
+    classifier's."""
     mask_prompt: bool = False
-    """Also feed the thresholded CAM to the decoder as a dense prompt."""
+    """Also feed the thresholded activation map (CAM or box head) to the decoder as a dense prompt."""
     train_prompt: str = "mix"
     """Prompts of labelled slices in training: gt (jittered reference box) | cam | mix (each with probability 0.5)."""
     box_jitter: float = 0.1
@@ -196,9 +227,13 @@ class SamMix(Method):
     def params_from(cls, raw):
         p = super().params_from(raw)
         choices = {"variant": ("sam_mix", "frozen_sam", "unet"), "image_level_from": ("all", "labelled"),
-                   "train_prompt": ("gt", "cam", "mix"), "backend": ("litemedsam", "sam")}
+                   "train_prompt": ("gt", "cam", "mix"), "backend": ("litemedsam", "sam"),
+                   "box_source": ("cam", "mask_head")}
         for key, allowed in choices.items():
             _check(getattr(p, key) in allowed, key, f"must be one of {', '.join(allowed)}, got '{getattr(p, key)}'")
+        _check(p.box_source == "cam" or p.variant == "sam_mix", "box_source",
+               f"mask_head learns from the labelled slices, which only the sam_mix variant trains on (variant "
+               f"'{p.variant}')")
         _check(p.presence_gap >= -1, "presence_gap", f"must be >= -1 (-1: off), got {p.presence_gap}")
         _check(p.cls_pooling in POOLINGS, "cls_pooling",
                f"must be one of {', '.join(POOLINGS)}, got '{p.cls_pooling}'")
@@ -220,7 +255,7 @@ class SamMix(Method):
         self.rng = np.random.default_rng(cfg.train.seed)
         self.cls_items: list[SliceItem] = []
         self.seg_items: list[SliceItem] = []
-        self.sam = self.backend = None
+        self.sam = self.backend = self.box_head = None
         if p.variant == "unet":
             from ..sam.backends import LiteMedSAMBackend
 
@@ -254,6 +289,8 @@ class SamMix(Method):
             channels = self.backend.encode(torch.zeros(1, 3, self.input_size, self.input_size, device=device))
         self.emb_size = channels.shape[-1]
         self.classifier = SliceClassifier(channels.shape[1], self.k, hidden=p.cls_hidden, pooling=p.cls_pooling)
+        if p.box_source == "mask_head":
+            self.box_head = BoxHead(channels.shape[1], self.k)
         trainable = {n for n, q in self.named_parameters() if q.requires_grad}
         self._frozen = {n for n in super().state_dict() if n.startswith("sam.") and n not in trainable}
         self.train(self.training)
@@ -333,20 +370,29 @@ class SamMix(Method):
         return torch.cat([e.features.to(self.device) for e in found])
 
     def cam_boxes(self, emb: torch.Tensor, sizes: list[tuple[int, int]]) -> tuple[np.ndarray, torch.Tensor]:
-        """CAM boxes (B, K, 4) in the input frame and the CAMs (B, K, h, w)."""
-        cams = self.classifier.activation_maps(emb.detach())
-        scale = self.input_size / cams.shape[-1]
-        arr = cams.cpu().numpy()
-        boxes = np.stack([np.stack([box_from_cam(arr[b, k], self.params.cam_threshold, scale, sizes[b])
+        """The model's own boxes (B, K, 4) in the input frame and the maps (B, K, h, w) they come from, thresholded
+        at the map's threshold: the classifier's activation maps (``cam_threshold``) or the box head's
+        probabilities (``box_source``)."""
+        if self.box_head is None:
+            maps = self.classifier.activation_maps(emb.detach())
+            thresholds = np.full(maps.shape[:2], self.params.cam_threshold)
+        else:
+            with torch.no_grad():
+                maps = torch.sigmoid(self.box_head(emb.detach(), dropout=False))
+            thresholds = np.minimum(BOX_HEAD_THRESHOLD, maps.flatten(2).max(-1).values.cpu().numpy() / 2)
+        scale = self.input_size / maps.shape[-1]
+        arr = maps.cpu().numpy()
+        boxes = np.stack([np.stack([box_from_cam(arr[b, k], thresholds[b, k], scale, sizes[b])
                                     for k in range(self.k)]) for b in range(len(arr))])
-        return boxes, cams
+        return boxes, (maps >= torch.from_numpy(thresholds).to(maps)[..., None, None]).to(maps.dtype)
 
     def decode(self, emb: torch.Tensor, boxes: torch.Tensor, cams: torch.Tensor | None) -> torch.Tensor:
         """Mask logits (N, S, S) in the input frame for N boxes (input-frame pixels) on one embedding (1, C, h, w),
-        single-mask output; ``cams`` (N, h, w), thresholded, are also given as dense prompts, or None."""
+        single-mask output; ``cams`` (N, h, w), the thresholded maps from ``cam_boxes`` (0/1), are also given as
+        dense prompts, or None."""
         dense = None
         if cams is not None:
-            dense = self.backend.dense_prompt((cams >= self.params.cam_threshold)[:, None], emb)
+            dense = self.backend.dense_prompt(cams[:, None] > 0, emb)
         logits, _ = self.backend.decode_logits(emb, boxes=boxes, masks=dense, multimask=False)
         return logits[:, 0]
 
@@ -427,8 +473,19 @@ class SamMix(Method):
             seg_loss = self._seg_loss(emb[len(cls):], seg, seg_labels)
             loss = loss + p.seg_weight * seg_loss
             out["seg"] = seg_loss.detach()
+        if self.box_head is not None:
+            box_loss = self._box_head_loss(emb[len(cls):], seg_labels)
+            loss = loss + box_loss
+            out["box"] = box_loss.detach()
         out["loss"] = loss
         return out
+
+    def _box_head_loss(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """BCE of the box head on labelled slices against each structure's share of every embedding cell (the
+        input-frame mask averaged over the cell)."""
+        cell = self.input_size // emb.shape[-1]
+        masks = torch.stack([labels == k + 1 for k in range(self.k)], 1).float()
+        return F.binary_cross_entropy_with_logits(self.box_head(emb.detach()), F.avg_pool2d(masks, cell))
 
     def _seg_loss(self, emb: torch.Tensor, items: list[SliceItem], labels: torch.Tensor) -> torch.Tensor:
         p = self.params
@@ -498,12 +555,15 @@ class SamMix(Method):
         return crop_to_slice(logits, (h, w), size)
 
     def parameter_groups(self) -> list[dict]:
-        """What trains; the classifier in a group of its own at ``cls_lr_scale`` times the learning rate."""
+        """What trains; the classifier (and the box head) in a group of their own at ``cls_lr_scale`` times the
+        learning rate: both learn from scratch while the decoder is fine-tuned."""
         if self.params.variant == "unet":
             return super().parameter_groups()
-        rest = [q for n, q in self.named_parameters() if q.requires_grad and not n.startswith("classifier.")]
+        heads = ("classifier.", "box_head.")
+        rest = [q for n, q in self.named_parameters() if q.requires_grad and not n.startswith(heads)]
         groups = [{"params": rest}] if rest else []
-        return groups + [{"params": list(self.classifier.parameters()), "lr_scale": self.params.cls_lr_scale}]
+        own = [q for n, q in self.named_parameters() if n.startswith(heads)]
+        return groups + [{"params": own, "lr_scale": self.params.cls_lr_scale}]
 
 
 # ---------------------------------------------------------------------------------------------------- diagnosis
