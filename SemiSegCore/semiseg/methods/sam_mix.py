@@ -134,8 +134,9 @@ class SamMixParams:
     convolutional head on the SAM embedding (``BoxHead``), trained with BCE on the labelled slices' masks pooled to
     the embedding grid; its probability map (>= 0.5, else >= half its maximum) gives the box. On LA, with the same
     cached embeddings, its boxes overlap the reference boxes more than the scoring head's CAM boxes (IoU 0.63 vs
-    0.45 on 2 validation volumes, 0.56 vs 0.37 on 4 volumes outside the run's splits). Presence stays the
-    classifier's."""
+    0.45 on 2 validation volumes, 0.56 vs 0.37 on 4 volumes outside the run's splits), but on the test volumes of
+    two seeds SAM-Mix scored no better with them (0.643 / 0.563 against 0.647 / 0.621; docs/benchmarks.md), so it
+    stays opt-in. Presence stays the classifier's."""
     mask_prompt: bool = False
     """Also feed the thresholded activation map (CAM or box head) to the decoder as a dense prompt."""
     train_prompt: str = "mix"
