@@ -240,7 +240,7 @@ def test_box_head_boxes_find_the_structure_it_learned(tmp_path):
         loss.backward()
         opt.step()
     method.eval()
-    boxes, maps = method.cam_boxes(emb, [item.size])
+    boxes, maps = method.own_boxes(emb, [item.size])
     label = item.label.numpy()
     for k in range(method.k):
         if not (label == k + 1).any():

@@ -26,7 +26,7 @@ Choices where the paper is silent (see seeds.md section 4): the classifier sits 
 authors' ADA-SAM (not a separate ResNet-38), Grad-CAM is computed in closed form for that head
 (:meth:`SliceClassifier.grad_cam`), threshold 0.4, single-mask output (LiteMedSAM's training mode), fallback box
 the central half of the slice, focal alpha 0.5 / gamma 2, prompt encoder frozen, training prompts of labelled
-slices a 50/50 mix of jittered reference boxes and the model's own CAM boxes (``train_prompt``).
+slices a 50/50 mix of jittered reference boxes and the model's own boxes (``train_prompt``).
 
 Two baselines share the slice selection and input transform (``variant``): ``frozen_sam`` (classifier trained,
 SAM not fine-tuned: CAM boxes into the base SAM) and ``unet`` (a 2D U-Net trained on the same labelled slices).
@@ -370,7 +370,7 @@ class SamMix(Method):
                 _EMBEDDINGS.put(keys[i], found[i])
         return torch.cat([e.features.to(self.device) for e in found])
 
-    def cam_boxes(self, emb: torch.Tensor, sizes: list[tuple[int, int]]) -> tuple[np.ndarray, torch.Tensor]:
+    def own_boxes(self, emb: torch.Tensor, sizes: list[tuple[int, int]]) -> tuple[np.ndarray, torch.Tensor]:
         """The model's own boxes (B, K, 4) in the input frame and the maps (B, K, h, w) they come from, thresholded
         at the map's threshold: the classifier's activation maps (``cam_threshold``) or the box head's
         probabilities (``box_source``)."""
@@ -389,7 +389,7 @@ class SamMix(Method):
 
     def decode(self, emb: torch.Tensor, boxes: torch.Tensor, cams: torch.Tensor | None) -> torch.Tensor:
         """Mask logits (N, S, S) in the input frame for N boxes (input-frame pixels) on one embedding (1, C, h, w),
-        single-mask output; ``cams`` (N, h, w), the thresholded maps from ``cam_boxes`` (0/1), are also given as
+        single-mask output; ``cams`` (N, h, w), the thresholded maps from ``own_boxes`` (0/1), are also given as
         dense prompts, or None."""
         dense = None
         if cams is not None:
@@ -490,7 +490,7 @@ class SamMix(Method):
 
     def _seg_loss(self, emb: torch.Tensor, items: list[SliceItem], labels: torch.Tensor) -> torch.Tensor:
         p = self.params
-        cam_boxes, cams = self.cam_boxes(emb, [it.size for it in items])
+        own, cams = self.own_boxes(emb, [it.size for it in items])
         losses = []
         for b, it in enumerate(items):
             lab = labels[b].cpu().numpy()
@@ -504,7 +504,7 @@ class SamMix(Method):
                     box = box + self.rng.uniform(-1, 1, 4) * p.box_jitter * span
                     box = np.clip(np.minimum(box, [box[2], box[3], 1e9, 1e9]), 0, self.input_size - 1)
                 else:
-                    box = cam_boxes[b, k]
+                    box = own[b, k]
                 boxes.append(box)
             box_t = torch.tensor(np.stack(boxes), dtype=torch.float32, device=self.device)
             logits = self.decode(emb[b:b + 1], box_t, cams[b, ks] if p.mask_prompt else None)
@@ -526,7 +526,7 @@ class SamMix(Method):
     def slice_logits(self, x: torch.Tensor, present: torch.Tensor | None = None,
                      boxes: np.ndarray | None = None, one_volume: bool = False) -> torch.Tensor:
         """``predict_logits`` with prompts that may come from elsewhere: ``present`` (B, K-1) bool replaces the
-        classifier's verdicts, ``boxes`` (B, K-1, 4, input frame) the CAM boxes (``prompt_sources`` uses the
+        classifier's verdicts, ``boxes`` (B, K-1, 4, input frame) the model's own boxes (``prompt_sources`` uses the
         reference's to measure how much of the error each prompt causes). With ``one_volume`` the slices are one
         volume's, in order, and the classifier's verdicts are made one run per structure."""
         h, w = x.shape[-2:]
@@ -543,8 +543,8 @@ class SamMix(Method):
             p = self.params
             present = torch.from_numpy(volume_presence(prob, p.cls_threshold, p.presence_relative, p.presence_gap)
                                        if one_volume else prob >= p.cls_threshold)
-        cam_boxes, cams = self.cam_boxes(emb, [size] * len(x))
-        boxes = cam_boxes if boxes is None else boxes
+        own, cams = self.own_boxes(emb, [size] * len(x))
+        boxes = own if boxes is None else boxes
         masks = torch.full((len(x), self.k, s, s), NEGATIVE_LOGIT, device=x.device)
         for b in range(len(x)):
             ks = [k for k in range(self.k) if present[b, k]]
