@@ -94,6 +94,8 @@ class TrainConfig:
     """Random zoom of training patches: factors from 1/(1+x) to 1+x (0: none). See data.sampling.Augmentation."""
     intensity_augment: float = 0.0
     """Random per-channel brightness and contrast of training patches, factors from 1-x to 1+x (0: none)."""
+    rotate_augment: float = 0.0
+    """Random in-plane rotation of training patches, angles from -x to x degrees (0: none)."""
     foreground_crop: float = 0.5
     """Probability that a labelled patch is centred on foreground (helps small structures)."""
     val_max_cases: Optional[int] = None
@@ -233,6 +235,8 @@ def check_values(cfg: Config) -> None:
     if not 0 <= t.scale_augment <= 1 or not 0 <= t.intensity_augment < 1:
         raise ConfigError(f"config keys 'train.scale_augment' (0 to 1) and 'train.intensity_augment' (0 to below 1): "
                           f"got {t.scale_augment}, {t.intensity_augment}")
+    if not 0 <= t.rotate_augment <= 180:
+        raise ConfigError(f"config key 'train.rotate_augment' must be 0 to 180 degrees, got {t.rotate_augment}")
     if t.weight_decay < 0 or not 0 <= t.foreground_crop <= 1 or not 0 <= i.overlap < 1:
         raise ConfigError(f"config keys 'train.weight_decay' (>= 0), 'train.foreground_crop' (0 to 1) and "
                           f"'infer.overlap' (0 to below 1): got {t.weight_decay}, {t.foreground_crop}, {i.overlap}")

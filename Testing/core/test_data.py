@@ -67,6 +67,29 @@ def test_patch_sampler_3d_and_slices(la_dir):
     assert b2.image.shape == (4, 1, 64, 64) and b2.label.shape == (4, 64, 64) and b2.label.sum() > 0
 
 
+def test_rotation_augmentation_keeps_image_and_label_aligned(la_dir):
+    """LA cases whose image is their own mask: after a random in-plane rotation (and zoom) the linearly rotated
+    image thresholded at 0.5 must match the nearest-rotated label; a quarter turn equals numpy's rot90."""
+    import dataclasses
+
+    from semiseg.data.sampling import Augmentation, _rotate_and_centre
+
+    real = [load_case(c, "none", 2) for c in discover_cases(la_dir)[:2]]
+    cases = [dataclasses.replace(c, image=c.label[None].astype(np.float32)) for c in real]
+    rotated = PatchSampler(cases, (48, 48, 32), 4, seed=3, foreground_prob=1.0,
+                           augment=Augmentation(flips=False, scale=0.25, rotation=30))
+    b = rotated.next_batch()
+    assert b.image.shape == (4, 1, 48, 48, 32) and set(np.unique(b.label.numpy())) <= {0, 1}
+    assert all(b.label[i].sum() > 0 for i in range(4))
+    agree = ((b.image[:, 0] > 0.5).long() == b.label).float().mean().item()
+    assert agree > 0.98, agree
+
+    volume = np.arange(10 * 10 * 3, dtype=np.float32).reshape(1, 10, 10, 3)
+    img, lab = _rotate_and_centre(volume, volume[0].astype(np.int64), (0, 1), 90.0, (6, 6, 3))
+    expected = np.rot90(volume[0], 1, axes=(0, 1))[2:8, 2:8]
+    assert np.allclose(img[0], expected, atol=1e-3) and np.array_equal(lab, expected)
+
+
 def test_named_cases_are_always_labelled(la_dir):
     cases = discover_cases(la_dir)
     m = make_manifest(cases, labelled=2, val=10, seed=0)

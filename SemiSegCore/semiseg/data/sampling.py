@@ -24,6 +24,37 @@ def _rotation_plane(patch: tuple[int, ...]) -> tuple[int, int] | None:
     return None
 
 
+def _rotated_extent(patch: tuple[int, ...], plane: tuple[int, int], degrees: float) -> tuple[int, ...]:
+    """Patch size whose rotation by ``degrees`` in ``plane`` still covers ``patch`` (the plane's axes are equal)."""
+    rad = np.deg2rad(degrees)
+    side = int(np.ceil(patch[plane[0]] * (abs(np.cos(rad)) + abs(np.sin(rad))))) + 1
+    return tuple(side if axis in plane else p for axis, p in enumerate(patch))
+
+
+def _rotate_and_centre(img: np.ndarray, lab: np.ndarray | None, plane: tuple[int, int], degrees: float,
+                       patch: tuple[int, ...]):
+    """Rotate a channels-first image (linear) and its label (nearest) about their centre; keep the central patch.
+
+    Done with torch's grid_sample, the other axes folded into channels: scipy's rotate costs most of a step here."""
+    rad = np.deg2rad(degrees)
+    theta = torch.tensor([[[np.cos(rad), -np.sin(rad), 0.0], [np.sin(rad), np.cos(rad), 0.0]]], dtype=torch.float32)
+    centre = tuple(slice((s - p) // 2, (s - p) // 2 + p) for s, p in zip(img.shape[1:], patch))
+
+    def turn(arr: np.ndarray, mode: str) -> np.ndarray:
+        lead = arr.ndim - len(patch)
+        axes = (lead + plane[0], lead + plane[1])
+        moved = np.moveaxis(arr, axes, (-2, -1))
+        planes = torch.from_numpy(np.ascontiguousarray(moved, dtype=np.float32)).reshape(1, -1, *moved.shape[-2:])
+        grid = torch.nn.functional.affine_grid(theta, list(planes.shape), align_corners=False)
+        out = torch.nn.functional.grid_sample(planes, grid, mode=mode, padding_mode="border", align_corners=False)
+        out = np.moveaxis(out.reshape(moved.shape).numpy(), (-2, -1), axes)
+        return out[(slice(None),) * lead + centre]
+
+    img = turn(img, "bilinear").astype(img.dtype, copy=False)
+    lab = None if lab is None else turn(lab, "nearest").astype(lab.dtype, copy=False)
+    return img, lab
+
+
 def pad_to(arr: np.ndarray, shape: tuple[int, ...], value: float = 0.0) -> np.ndarray:
     """Pad the trailing len(shape) axes of ``arr`` symmetrically so that each is at least ``shape``."""
     lead = arr.ndim - len(shape)
@@ -44,22 +75,26 @@ class Augmentation:
     factor drawn log-uniformly from [1/(1+scale), 1+scale] (a patch of patch/zoom voxels is cut and resized:
     linear for the image, nearest for the label). ``intensity``: each channel multiplied by a factor from
     [1-intensity, 1+intensity] and the contrast about the patch mean by another, like nnU-Net's brightness and
-    contrast transforms; for RGB it also shifts the colour balance. With few labelled images these matter more
-    than anything else the sampler does.
+    contrast transforms; for RGB it also shifts the colour balance. ``rotation``: rotate in the first square plane
+    by an angle drawn uniformly from [-rotation, rotation] degrees (a larger patch is cut, rotated about its centre,
+    linear for the image and nearest for the label, and its centre kept), as nnU-Net does; it fills in the angles
+    between the 90-degree turns. With few labelled images these matter more than anything else the sampler does.
     """
     flips: bool = True
     scale: float = 0.0
     intensity: float = 0.0
+    rotation: float = 0.0
 
     @classmethod
     def of(cls, train_cfg) -> "Augmentation":
         if not train_cfg.augment:
             return cls(flips=False)
-        return cls(True, float(train_cfg.scale_augment), float(train_cfg.intensity_augment))
+        return cls(True, float(train_cfg.scale_augment), float(train_cfg.intensity_augment),
+                   float(train_cfg.rotate_augment))
 
     @property
     def any(self) -> bool:
-        return self.flips or self.scale > 0 or self.intensity > 0
+        return self.flips or self.scale > 0 or self.intensity > 0 or self.rotation > 0
 
 
 @dataclass
@@ -123,10 +158,14 @@ class PatchSampler:
         image, label = case.image, self.label_of(case)
         if image.ndim - 1 == len(self.patch) + 1:
             image, label = self._pick_slice(case, label)
-        crop = self.patch
+        angle, plane = 0.0, _rotation_plane(self.patch)
+        if self.augment.rotation > 0 and plane is not None:
+            angle = float(self.rng.uniform(-1, 1) * self.augment.rotation)
+        target = _rotated_extent(self.patch, plane, angle) if angle else self.patch
+        crop = target
         if self.augment.scale > 0:
             zoom = float(np.exp(self.rng.uniform(-1, 1) * np.log1p(self.augment.scale)))
-            crop = tuple(max(1, int(round(p / zoom))) for p in self.patch)
+            crop = tuple(max(1, int(round(p / zoom))) for p in target)
         image = pad_to(image, crop, value=float(image.min()))
         if label is not None:
             label = pad_to(label, crop)
@@ -140,9 +179,11 @@ class PatchSampler:
         sl = tuple(slice(st, st + p) for st, p in zip(starts, crop))
         img = image[(slice(None),) + sl]
         lab = label[sl] if label is not None else None
-        if crop != self.patch:
-            img = resample_image(img, self.patch).astype(img.dtype, copy=False)
-            lab = None if lab is None else resample_label(lab, self.patch)
+        if crop != target:
+            img = resample_image(img, target).astype(img.dtype, copy=False)
+            lab = None if lab is None else resample_label(lab, target)
+        if angle:
+            img, lab = _rotate_and_centre(img, lab, plane, angle, self.patch)
         if self.augment.flips:
             img, lab = self._flip(img, lab)
         if self.augment.intensity > 0:
