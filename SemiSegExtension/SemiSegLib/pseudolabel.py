@@ -200,9 +200,10 @@ def aligned_planes(shape, axis: int, slices: tuple[int, int] | None = None) -> l
 
 
 def model_items(probabilities: np.ndarray, planes: list[Plane], threshold: float = 0.5, confident: float = 0.9,
-                n_pos: int = 1, padding: float = 5.0, min_area: int = 10) -> PlanePrompts:
+                n_pos: int = 0, padding: float = 5.0, min_area: int = 10) -> PlanePrompts:
     """Per plane, one prompt per foreground class from a model's (K, i, j, k) probabilities: the box of the class's
-    largest confident component and a point where the model is sure (:func:`prompt_from_probability`)."""
+    largest confident component and ``n_pos`` points where the model is sure (:func:`prompt_from_probability`; none
+    by default, since LiteMedSAM learned from boxes)."""
     items = []
     for plane in planes:
         prompts = []

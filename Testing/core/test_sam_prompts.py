@@ -85,7 +85,10 @@ def test_probability_prompt_uses_largest_component_and_confident_points():
     soft = np.where(big, 0.6, 0.0).astype(np.float32)
     soft[30, 41] = 0.7
     assert prompt_from_probability(soft, n_pos=1, confident=0.9).points == [(41.0, 30.0)]
-    assert prompt_from_probability(prob, use_box=False).box is None
+    assert prompt_from_probability(prob, n_pos=1, use_box=False).box is None
+    assert prompt_from_probability(prob).points == []  # the box alone by default (what LiteMedSAM learned from)
+    with pytest.raises(ValueError, match="needs a box, points or a mask"):
+        prompt_from_probability(prob, use_box=False)
 
 
 def test_cam_prompt_box():

@@ -66,7 +66,9 @@ class KnowledgeMiningParams:
     """Foreground = U-Net++ probability above this; its largest component gives the box."""
     confident: float = 0.9
     """Positive points where prob >= confident; negative points (inside the box) where prob <= 1 - confident."""
-    n_pos: int = 1
+    n_pos: int = 0
+    """Positive points per prompt besides the box. None by default: LiteMedSAM (like MedSAM) learned from boxes, and
+    one point lowered its masks from 0.647 to 0.560 Dice on Kvasir validation images (docs/benchmarks.md)."""
     n_neg: int = 0
     padding: float = 5.0
     """Box padding in pixels."""

@@ -6,7 +6,7 @@ The call the knowledge-mining method makes::
 
     engine = SamEngine(build_backend("litemedsam", device="auto"))      # build once, reuse (embedding cache)
     mask, score, provenance = pseudolabel_from_probability(
-        engine, image, prob, axis=2, threshold=0.5, confident=0.9, n_pos=1, n_neg=0, padding=5.0, min_area=10)
+        engine, image, prob, axis=2, threshold=0.5, confident=0.9, n_pos=0, n_neg=0, padding=5.0, min_area=10)
 
 - ``image``: a :class:`semiseg.io.Image`, 2D (grey or RGB) or a 3D volume (segmented slice by slice along ``axis``).
 - ``prob``: (num_classes, *spatial) class probabilities (class 0 is background) or (*spatial) foreground

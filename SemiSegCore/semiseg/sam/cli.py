@@ -34,7 +34,7 @@ def add_pseudolabel_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--intensity", default="auto",
                    help="auto, percentile[:lo,hi], window:center,width, minmax (grey images to 0..255)")
     p.add_argument("--padding", type=float, default=5.0, help="box padding in pixels")
-    p.add_argument("--points", type=int, default=0, help="positive points per prompt (mask prompts)")
+    p.add_argument("--points", type=int, default=0, help="positive points per prompt besides the box (default none: LiteMedSAM and MedSAM learned from boxes)")
     p.add_argument("--negative-points", type=int, default=0, help="negative points per prompt")
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold (run prompts)")
     p.add_argument("--batch-size", type=int, help="slices per encoder call (default: 8 on a GPU, 1 on a CPU)")
@@ -104,7 +104,7 @@ def run_pseudolabel(args) -> int:
             else:
                 prob = predictor.predict(image)
                 label, score, prov = pseudolabel_from_probability(
-                    engine, image, prob, axis=args.axis, threshold=args.threshold, n_pos=max(1, args.points),
+                    engine, image, prob, axis=args.axis, threshold=args.threshold, n_pos=args.points,
                     n_neg=args.negative_points, padding=args.padding, intensity=args.intensity,
                     prompt_source=f"run:{Path(args.prompt_from_run).resolve()}")
                 result = PseudoLabel(image.with_array(label), score, prov)

@@ -279,7 +279,7 @@ def pseudolabel_from_mask(engine: SamEngine, image: Image, mask: np.ndarray, axi
 
 
 def pseudolabel_from_probability(engine: SamEngine, image: Image, prob: np.ndarray, axis: int = 2,
-                                 threshold: float = 0.5, confident: float = 0.9, n_pos: int = 1, n_neg: int = 0,
+                                 threshold: float = 0.5, confident: float = 0.9, n_pos: int = 0, n_neg: int = 0,
                                  padding: float = 5.0, min_area: int = 10, use_box: bool = True,
                                  intensity: str = "auto", prompt_source: str = "probability"):
     """Pseudo-label from a model's probabilities; returns ``(mask, score, provenance)``.

@@ -130,7 +130,7 @@ def prompts_from_mask(mask: np.ndarray, labels: list[int] | None = None, padding
     return prompts
 
 
-def prompt_from_probability(prob: np.ndarray, threshold: float = 0.5, confident: float = 0.9, n_pos: int = 1,
+def prompt_from_probability(prob: np.ndarray, threshold: float = 0.5, confident: float = 0.9, n_pos: int = 0,
                             n_neg: int = 0, padding: float = 5.0, min_area: int = 1, label: int = 1,
                             use_box: bool = True) -> Prompt | None:
     """A prompt from a 2D foreground probability map: the box of the largest component above ``threshold``,
