@@ -34,7 +34,9 @@ def add_pseudolabel_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--intensity", default="auto",
                    help="auto, percentile[:lo,hi], window:center,width, minmax (grey images to 0..255)")
     p.add_argument("--padding", type=float, default=5.0, help="box padding in pixels")
-    p.add_argument("--points", type=int, default=0, help="positive points per prompt besides the box (default none: LiteMedSAM and MedSAM learned from boxes)")
+    p.add_argument("--points", type=int, default=0,
+                   help="positive points per prompt besides the box (default none: LiteMedSAM and MedSAM learned "
+                        "from boxes)")
     p.add_argument("--negative-points", type=int, default=0, help="negative points per prompt")
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold (run prompts)")
     p.add_argument("--batch-size", type=int, help="slices per encoder call (default: 8 on a GPU, 1 on a CPU)")
