@@ -95,7 +95,8 @@ class TrainConfig:
     intensity_augment: float = 0.0
     """Random per-channel brightness and contrast of training patches, factors from 1-x to 1+x (0: none)."""
     rotate_augment: float = 0.0
-    """Random in-plane rotation of training patches, angles from -x to x degrees (0: none)."""
+    """Random in-plane rotation of training patches, angles from -x to x degrees (0: none). See
+    data.sampling.Augmentation."""
     foreground_crop: float = 0.5
     """Probability that a labelled patch is centred on foreground (helps small structures)."""
     val_max_cases: Optional[int] = None
