@@ -78,7 +78,8 @@ class Augmentation:
     contrast transforms; for RGB it also shifts the colour balance. ``rotation``: rotate in the first square plane
     by an angle drawn uniformly from [-rotation, rotation] degrees (a larger patch is cut, rotated about its centre,
     linear for the image and nearest for the label, and its centre kept), as nnU-Net does; it fills in the angles
-    between the 90-degree turns. A patch with no two equal sides (no square plane) is not rotated. With few labelled images these matter more than anything else the sampler does.
+    between the 90-degree turns; a patch with no two equal sides (no square plane) is not rotated. With few
+    labelled images these matter more than anything else the sampler does.
     """
     flips: bool = True
     scale: float = 0.0
