@@ -102,13 +102,16 @@ def test_real_run_mines_saves_and_resumes(tmp_path):
     over = ["data.max_cases=12", "data.labelled=3", "data.unlabelled=3", "data.val=2", "train.val_every=100",
             "train.checkpoint_every=1", "infer.patch_size=[256,256]", "knowledge_mining.warmup=2",
             "knowledge_mining.rampup=1", "knowledge_mining.min_iou=0.0", "knowledge_mining.min_agreement=0.0",
-            "knowledge_mining.min_area=1", "knowledge_mining.threshold=0.3"]
+            "knowledge_mining.min_area=1", "knowledge_mining.threshold=0.3",
+            f"knowledge_mining.embedding_cache={tmp_path / 'embeddings'}"]
     run = tmp_path / "run"
     train(tiny_cfg("train.iterations=3", *over), run, quiet=True, evaluate_val=False)
     events = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     mining = [e for e in events if e["event"] == "mining"]
     assert len(mining) == 1 and mining[0]["step"] == 2 and mining[0]["cases"] == 3
     assert mining[0]["model_dice"] is not None  # scored against the hidden references
+    assert mining[0]["encoded"] == mining[0]["prompted"] > 0  # each prompted image encoded once (jitter reuses it)
+    assert len(list((tmp_path / "embeddings").glob("*.pt"))) == mining[0]["encoded"]
     state = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
     restored = KnowledgeMining(tiny_cfg(*over), torch.device("cpu"))
     restored.load_state_dict(state["method"])
@@ -128,6 +131,12 @@ def test_real_run_mines_saves_and_resumes(tmp_path):
     last = [e for e in events if e["event"] == "train"][-1]
     if restored.pseudo:
         assert last["step"] == 5 and "pseudo" in last
+    # another run mining the same images (another seed or setting) reads SAM's embeddings from the shared folder
+    again = tmp_path / "again"
+    train(tiny_cfg("train.iterations=3", *over), again, quiet=True, evaluate_val=False)
+    rerun = [json.loads(line) for line in (again / "log.jsonl").read_text().splitlines()]
+    rerun = [e for e in rerun if e["event"] == "mining"]
+    assert rerun[0]["encoded"] == 0 and rerun[0]["accepted"] == mining[0]["accepted"]
 
 
 def test_gate_with_stability():

@@ -67,7 +67,7 @@ class KnowledgeMiningParams:
     confident: float = 0.9
     """Positive points where prob >= confident; negative points (inside the box) where prob <= 1 - confident."""
     n_pos: int = 0
-    """Positive points per prompt besides the box. None by default: LiteMedSAM (like MedSAM) learned from boxes, and
+    """Positive points per prompt besides the box. 0 by default: LiteMedSAM (like MedSAM) learned from boxes, and
     one point lowered its masks from 0.647 to 0.560 Dice on Kvasir validation images (docs/benchmarks.md)."""
     n_neg: int = 0
     padding: float = 5.0
@@ -91,6 +91,10 @@ class KnowledgeMiningParams:
     multimask: Optional[bool] = None
     """None: the backend's default (LiteMedSAM: single mask; SAM: best of three by predicted IoU)."""
     sam_device: str = "auto"
+    embedding_cache: Optional[str] = None
+    """A folder that keeps SAM's image embeddings on disk (LiteMedSAM: 4 MB per image or slice), so that later rounds
+    of a continuous schedule, and other runs mining the same images (seeds, settings), encode each image once. The
+    encoder dominates mining on a CPU. None: only the 32 most recent stay, in memory."""
     save_pseudolabels: bool = True
 
 
@@ -240,7 +244,7 @@ class KnowledgeMining(Method):
 
             p = self.params
             backend = build_backend(p.backend, p.checkpoint, device=p.sam_device, model_type=p.model_type)
-            self._engine = SamEngine(backend, multimask=p.multimask)
+            self._engine = SamEngine(backend, multimask=p.multimask, cache_dir=p.embedding_cache)
         return self._engine
 
     def sam_pseudolabel(self, image: Image, prob: np.ndarray, axis: int):
@@ -279,6 +283,7 @@ class KnowledgeMining(Method):
         pseudo, scores = {}, {"pseudo_dice": [], "sam_dice": [], "model_dice": []}
         quality = []  # per prompted case with a reference: SAM's true Dice, predicted IoU, agreement, stability
         n_prompted = 0
+        encoded_before = self.engine().timing.embedded
         ctx.log.write(event="mining_start", round=self.round, step=step, cases=len(ctx.unlabelled))
         for case in tqdm(ctx.unlabelled, desc=f"mining round {self.round}", leave=False, disable=ctx.quiet):
             prob = predictor.predict_array(case.image)
@@ -320,7 +325,8 @@ class KnowledgeMining(Method):
         if was_training:
             self.train()
         summary = {"round": self.round, "step": step, "cases": len(ctx.unlabelled), "prompted": n_prompted,
-                   "accepted": len(pseudo), "seconds": round(time.time() - t0, 1),
+                   "accepted": len(pseudo), "encoded": self.engine().timing.embedded - encoded_before,
+                   "seconds": round(time.time() - t0, 1),
                    **{k_: (round(float(np.mean(v)), 4) if v else None) for k_, v in scores.items()},
                    **quality_correlations(quality)}
         ctx.log.write(event="mining", **summary)

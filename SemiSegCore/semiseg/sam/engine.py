@@ -77,12 +77,13 @@ def content_key(arr: np.ndarray) -> str:
 class SliceEmbeddingCache:
     """Least-recently-used image-slice embeddings in memory, at most ``max_items``, keyed by slice content (and the
     backend). With a ``directory`` every embedding is also kept on disk, one file per key, so that runs sharing a
-    frozen encoder (seeds, settings, validation and test) compute each slice once. (Text embeddings are cached on
-    disk by :class:`semiseg.knowledge.TextEmbeddingCache`.)"""
+    frozen encoder (seeds, settings, validation and test) compute each slice once; they are read back onto
+    ``device``. (Text embeddings are cached on disk by :class:`semiseg.knowledge.TextEmbeddingCache`.)"""
 
-    def __init__(self, max_items: int = 32, directory: str | Path | None = None):
+    def __init__(self, max_items: int = 32, directory: str | Path | None = None, device="cpu"):
         self.max_items = max_items
         self.directory = None if directory is None else Path(directory)
+        self.device = device
         self._items: OrderedDict[str, Embedding] = OrderedDict()
         self.hits = 0
         self.misses = 0
@@ -95,7 +96,7 @@ class SliceEmbeddingCache:
         if item is None and self.directory is not None and self._file(key).exists():
             import torch
 
-            saved = torch.load(self._file(key), map_location="cpu", weights_only=True)
+            saved = torch.load(self._file(key), map_location=self.device, weights_only=True)
             item = Embedding(saved["features"], tuple(saved["original_size"]), tuple(saved["resized_size"]))
             self._remember(key, item)
         if item is None:
@@ -110,7 +111,8 @@ class SliceEmbeddingCache:
             from ..utils import atomic_torch_save
 
             self.directory.mkdir(parents=True, exist_ok=True)
-            features = value.features.detach().cpu().clone()  # a copy: a view would save its whole batch's storage
+            # a float32 copy: a view would save its whole batch's storage, and float32 reads on any device
+            features = value.features.detach().cpu().float().clone()
             atomic_torch_save({"features": features, "original_size": list(value.original_size),
                                "resized_size": list(value.resized_size)}, self._file(key))
         self._remember(key, value)
@@ -160,17 +162,18 @@ class SamEngine:
     """Prompted segmentation of 2D images and 3D volumes (slice by slice) with any :class:`SamBackend`.
 
     batch_size: slices embedded per encoder call; None: 8 on a GPU, 1 on a CPU (on a 2-core CPU a batch of 4
-    LiteMedSAM slices took longer per slice than single slices). cache_size: embeddings kept (LRU). multimask: None
-    uses the backend's default; True keeps the candidate with the highest predicted IoU.
+    LiteMedSAM slices took longer per slice than single slices). cache_size: embeddings kept in memory (LRU);
+    cache_dir: a folder where every embedding is also kept on disk (see :class:`SliceEmbeddingCache`). multimask:
+    None uses the backend's default; True keeps the candidate with the highest predicted IoU.
     """
 
     def __init__(self, backend: SamBackend, batch_size: int | None = None, cache_size: int = 32,
-                 multimask: bool | None = None):
+                 multimask: bool | None = None, cache_dir: str | Path | None = None):
         self.backend = backend
         if batch_size is None:
             batch_size = 8 if backend.device.type == "cuda" else 1
         self.batch_size = max(1, int(batch_size))
-        self.cache = SliceEmbeddingCache(cache_size)
+        self.cache = SliceEmbeddingCache(cache_size, cache_dir, backend.device)
         self.multimask = multimask
         self.timing = SliceTiming()
 
