@@ -94,7 +94,7 @@ class KnowledgeMiningParams:
     embedding_cache: Optional[str] = None
     """A folder that keeps SAM's image embeddings on disk (LiteMedSAM: 4 MB per image or slice), so that later rounds
     of a continuous schedule, and other runs mining the same images (seeds, settings), encode each image once. The
-    encoder dominates mining on a CPU. None: only the 32 most recent stay, in memory."""
+    encoder dominates mining on a CPU. None: only the engine's in-memory cache of recent images."""
     save_pseudolabels: bool = True
 
 
