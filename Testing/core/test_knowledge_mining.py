@@ -50,6 +50,8 @@ def test_config_errors_name_the_key():
         check_params(tiny_cfg("knowledge_mining.schedule=sometimes"))
     with pytest.raises(ConfigError, match="knowledge_mining.min_iou"):
         check_params(tiny_cfg("knowledge_mining.min_iou=1.5"))
+    with pytest.raises(ConfigError, match="knowledge_mining.sam_grid"):
+        check_params(tiny_cfg("knowledge_mining.sam_grid=native"))
     with pytest.raises(ConfigError, match="knowledge_mining.warmpu.*warmup"):
         check_params(tiny_cfg("knowledge_mining.warmpu=3"))
     cfg = load_config(REPO / "Resources" / "configs" / "la2018_supervised.yaml", ["method=knowledge_mining"])
@@ -99,8 +101,10 @@ def test_pseudolabels_survive_the_checkpoint():
 def test_real_run_mines_saves_and_resumes(tmp_path):
     from semiseg.train import train
 
+    # the U-Net++ trains on a 128 px grid; SAM segments the stored 256 px images (sam_grid: source)
     over = ["data.max_cases=12", "data.labelled=3", "data.unlabelled=3", "data.val=2", "train.val_every=100",
-            "train.checkpoint_every=1", "infer.patch_size=[256,256]", "knowledge_mining.warmup=2",
+            "data.target_spacing=2.0", "train.checkpoint_every=1", "infer.patch_size=[128,128]",
+            "knowledge_mining.warmup=2",
             "knowledge_mining.rampup=1", "knowledge_mining.min_iou=0.0", "knowledge_mining.min_agreement=0.0",
             "knowledge_mining.min_area=1", "knowledge_mining.threshold=0.3",
             f"knowledge_mining.embedding_cache={tmp_path / 'embeddings'}"]
@@ -120,9 +124,14 @@ def test_real_run_mines_saves_and_resumes(tmp_path):
         prov = json.loads((run / "pseudo_labels" / f"{cid}.json").read_text())
         assert prov["backend"] == "litemedsam" and prov["round"] == 1 and prov["accepted"]
         assert prov["gate"]["decisions"][0]["iou"] > 0
+        from semiseg.data.resample import resample_label
         from semiseg.io import read_label
 
-        assert (read_label(run / "pseudo_labels" / f"{cid}.png").array == label).all()
+        written = read_label(run / "pseudo_labels" / f"{cid}.png").array  # on the image's own 256 px grid
+        assert label.shape == (128, 128) and written.shape == (256, 256)
+        assert (resample_label(written, label.shape) == label).all()
+        blocks = written.reshape(128, 2, 128, 2).transpose(0, 2, 1, 3).reshape(128, 128, 4)
+        assert (blocks.min(-1) != blocks.max(-1)).any()  # SAM's edges are finer than the training grid
     # resume to 5 iterations: no second round (one_time), the checkpointed pseudo-labels keep training
     train(tiny_cfg("train.iterations=5", *over), run, quiet=True, evaluate_val=False)
     events = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
@@ -137,6 +146,26 @@ def test_real_run_mines_saves_and_resumes(tmp_path):
     rerun = [json.loads(line) for line in (again / "log.jsonl").read_text().splitlines()]
     rerun = [e for e in rerun if e["event"] == "mining"]
     assert rerun[0]["encoded"] == 0 and rerun[0]["accepted"] == mining[0]["accepted"]
+
+
+@pytest.mark.parametrize("sam_grid", ["source", "working"])
+def test_sam_sees_the_chosen_grid(sam_grid):
+    """With data.target_spacing, SAM gets the stored image (and the U-Net++'s probabilities resampled to it) or the
+    training grid's image, as ``knowledge_mining.sam_grid`` says."""
+    from semiseg.data.cases import discover_cases, load_case
+
+    cfg = tiny_cfg("data.target_spacing=2.0", f"knowledge_mining.sam_grid={sam_grid}")
+    source = discover_cases(KVASIR)[0]
+    case = load_case(source, "rgb", 2, with_label=False, target_spacing=2.0)
+    prob = np.zeros((2, 128, 128), np.float32)
+    prob[1, 40:80, 30:90] = 1.0
+    prob[0] = 1.0 - prob[1]
+    image, sam_prob = KnowledgeMining(cfg, torch.device("cpu"))._sam_inputs(case, source, prob)
+    size = 256 if sam_grid == "source" else 128
+    assert image.array.shape == (size, size, 3) and sam_prob.shape == (2, size, size)
+    assert np.allclose(sam_prob.sum(0), 1.0, atol=1e-5)
+    box = np.argwhere(sam_prob[1] > 0.5)
+    assert box.min(0).tolist() == [40 * size // 128, 30 * size // 128]
 
 
 def test_gate_with_stability():
