@@ -91,6 +91,23 @@ def test_litemedsam_kvasir_dice_and_equals_raw_model(litemedsam, kvasir_cases):
 
 
 @needs_kvasir
+def test_litemedsam_folded_batchnorms_keep_the_embeddings(litemedsam, kvasir_cases):
+    """The default backend folds the encoder's 27 BatchNorms into their convolutions (faster inference); on real
+    images its embeddings equal those of the encoder as trained, up to float noise."""
+    as_trained = build_backend("litemedsam", device="cpu", fold_batchnorm=False)
+
+    def batchnorms(backend):
+        return sum(isinstance(m, torch.nn.BatchNorm2d) for m in backend.model.image_encoder.modules())
+
+    assert batchnorms(litemedsam) == 0 and batchnorms(as_trained) == 27
+    for img, _ in kvasir_cases[:2]:
+        folded = litemedsam.embed([img.array])[0].features
+        plain = as_trained.embed([img.array])[0].features
+        assert ((folded - plain).norm() / plain.norm()).item() < 1e-4  # measured: about 2e-6
+        assert folded.abs().mean().item() > 1e-3  # a real, non-trivial embedding
+
+
+@needs_kvasir
 def test_litemedsam_bad_box_gives_bad_mask(litemedsam, kvasir_cases):
     """The prompt matters: a box away from the polyp does not reproduce the reference."""
     img, ref = kvasir_cases[0]

@@ -266,7 +266,9 @@ class SamMix(Method):
             return
         from ..sam import build_backend
 
-        self.backend = build_backend(p.backend, p.checkpoint, device=device, model_type=p.model_type)
+        # the encoder as trained (BatchNorms kept): LoRA may adapt it, and train() keeps its frozen parts in eval mode
+        self.backend = build_backend(p.backend, p.checkpoint, device=device, model_type=p.model_type,
+                                     fold_batchnorm=False)
         self.input_size = self.backend.input_size
         self.sam = self.backend.model
         for q in self.sam.parameters():

