@@ -380,7 +380,7 @@ class LiteMedSAMBackend(_SamFamilyBackend):
     default_multimask = False
 
     def __init__(self, checkpoint: str | Path | None = None, device="cpu", fold_batchnorm: bool = True):
-        """fold_batchnorm: see :func:`fold_batchnorms` (encoding 8-13% faster on a CPU, the same embeddings to
+        """fold_batchnorm: see :func:`fold_batchnorms` (encoding 9-14% faster on a CPU, the same embeddings to
         float noise); False keeps the layers as trained, for a caller that trains the encoder."""
         import warnings
 
