@@ -407,7 +407,7 @@ class LiteMedSAMBackend(_SamFamilyBackend):
         net = build_lite_medsam()
         net.load_state_dict(_load_state(path, torch))
         if fold_batchnorm:
-            fold_batchnorms(net.image_encoder.eval())
+            fold_batchnorms(net.image_encoder)
         super().__init__(net, device)
         self.checkpoint, self.checkpoint_sha256, self.model_type = str(path), digest, "lite_medsam"
 
@@ -482,14 +482,13 @@ class HFSamBackend(SamBackend):
         return out.pred_masks[0], out.iou_scores[0]
 
 
-def fold_batchnorms(module) -> int:
+def fold_batchnorms(module) -> None:
     """Fold every BatchNorm2d that follows a Conv2d inside an ``nn.Sequential`` (TinyViT's Conv2d_BN) into that
-    convolution, in place, and return how many were folded. Only valid for inference-mode statistics: the folded
-    convolution computes what the pair computes in eval mode, in one pass instead of two."""
+    convolution, in place. Only valid for inference-mode statistics: the folded convolution computes what the pair
+    computes in eval mode, in one pass instead of two."""
     import torch
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-    folded = 0
     for seq in [m for m in module.modules() if isinstance(m, torch.nn.Sequential)]:
         names = list(seq._modules)
         for conv_name, bn_name in zip(names, names[1:]):
@@ -497,8 +496,6 @@ def fold_batchnorms(module) -> int:
             if isinstance(conv, torch.nn.Conv2d) and isinstance(bn, torch.nn.BatchNorm2d):
                 seq._modules[conv_name] = fuse_conv_bn_eval(conv.eval(), bn.eval())
                 seq._modules[bn_name] = torch.nn.Identity()
-                folded += 1
-    return folded
 
 
 def _load_state(path: Path, torch):
