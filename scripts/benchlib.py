@@ -53,6 +53,29 @@ def finished(run_dir: Path) -> bool:
     return (run_dir / "summary.json").exists() and (run_dir / "bench.json").exists()
 
 
+WHERE_NOT_WHAT = ("name", "train.threads", "train.device", "train.init_from", "knowledge_mining.embedding_cache",
+                  "llm_segnet.embedding_cache", "sam_mix.embedding_cache", "sam_mix.embedding_dir")
+"""Config keys that say where or how fast a run trained, not what it learned: a finished run whose config differs
+from its setting's only in these is still that setting's run."""
+
+
+def stale_reason(run_dir: Path, expected: dict, start: Path | None = None) -> str | None:
+    """Why the finished run in ``run_dir`` no longer stands for its setting (None if it does): its config.yaml
+    differs from ``expected`` (the setting's raw config with every override applied) in what it learns, or its
+    warm start ``start`` was trained again after it finished."""
+    from semiseg.runs import read_config
+    from semiseg.train.rundir import config_changes
+
+    changes = config_changes(read_config(run_dir).to_dict(), config_from_dict(expected))
+    learned = {k: v for k, v in changes.items() if k not in WHERE_NOT_WHAT}
+    if learned:
+        return "trained with another config (" + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in learned.items()) + ")"
+    start_ckpt = start / "checkpoints" / "best.pt" if start else None
+    if start_ckpt and start_ckpt.exists() and start_ckpt.stat().st_mtime > (run_dir / "bench.json").stat().st_mtime:
+        return f"its warm start {start} was trained again after it finished"
+    return None
+
+
 def run_setting(bench: str, setting: str, raw_config: dict, overrides: list[str], runs: str | Path,
                 rerun: bool = False, seed: int | None = None) -> dict:
     """Train one setting (or reuse a finished run) and return its summaries, minutes and run directory. With a
@@ -62,15 +85,13 @@ def run_setting(bench: str, setting: str, raw_config: dict, overrides: list[str]
     run_dir = Path(runs) / bench / setting
     if seed is not None:
         run_dir = run_dir / f"seed{seed}"
-        overrides = overrides + [f"train.seed={seed}"]
     if finished(run_dir) and not rerun:
         return read_run(run_dir)
     if rerun and run_dir.exists():
         import shutil
 
         shutil.rmtree(run_dir)
-    raw = apply_overrides(json.loads(json.dumps(raw_config)), overrides + [f"name={setting}"])
-    cfg = config_from_dict(raw)
+    cfg = config_from_dict(resolved_config(setting, raw_config, overrides, seed))
     t0, load0 = time.time(), os.getloadavg()[0]
     result = train(cfg, run_dir, quiet=True)
     if result.get("stopped"):
@@ -82,6 +103,12 @@ def run_setting(bench: str, setting: str, raw_config: dict, overrides: list[str]
             "load_average": [round(load0, 2), round(os.getloadavg()[0], 2)]}
     (run_dir / "bench.json").write_text(json.dumps(info, indent=1))
     return read_run(run_dir)
+
+
+def resolved_config(setting: str, raw_config: dict, overrides: list[str], seed: int | None) -> dict:
+    """The raw config a run of ``setting`` trains with: ``overrides`` applied, then the seed and the name."""
+    extra = [f"train.seed={seed}"] if seed is not None else []
+    return apply_overrides(json.loads(json.dumps(raw_config)), overrides + extra + [f"name={setting}"])
 
 
 def read_run(run_dir: Path) -> dict:
@@ -133,6 +160,9 @@ def run_settings(bench: str, settings: list[Setting], args) -> dict[str, list[di
     def ready(s, seed):
         return s.init_from is None or finished(run_dir(s.init_from, seed))
 
+    if not args.rerun:
+        check_not_stale(wanted, by_name, args.seeds, run_dir, lambda s, seed: overrides(s, seed, 1))
+
     running: list[tuple[subprocess.Popen, str]] = []
     pending = [(s, seed) for s, seed in todo if args.rerun or not finished(run_dir(s.name, seed))]
     while pending or running:
@@ -168,6 +198,31 @@ def run_settings(bench: str, settings: list[Setting], args) -> dict[str, list[di
                     raise SystemExit(f"{label} failed (exit {proc.returncode})")
                 print(f"[{time.strftime('%H:%M:%S')}] done {label}", flush=True)
     return {s.name: [read_run(run_dir(s.name, seed)) for seed in args.seeds] for s in wanted}
+
+
+def check_not_stale(wanted: list[Setting], by_name: dict[str, Setting], seeds: list[int], run_dir, overrides) -> None:
+    """Stop before training if a finished run that this benchmark would reuse (a wanted setting's, or a warm start
+    it depends on) was trained with another config or from an older start: a changed preset must not leave old
+    numbers standing in a new table."""
+    needed, stack = {}, list(wanted)
+    while stack:
+        s = stack.pop()
+        needed[s.name] = s
+        if s.init_from and s.init_from not in needed:
+            stack.append(by_name[s.init_from])
+    stale = []
+    for s in needed.values():
+        for seed in seeds:
+            d = run_dir(s.name, seed)
+            if finished(d):
+                start = run_dir(s.init_from, seed) if s.init_from else None
+                why = stale_reason(d, resolved_config(s.name, s.raw, overrides(s, seed), seed), start)
+                if why:
+                    stale.append((s.name, f"{d}: {why}"))
+    if stale:
+        names = " ".join(sorted({name for name, _ in stale}))
+        raise SystemExit("finished runs no longer match their settings:\n  " + "\n  ".join(why for _, why in stale)
+                         + f"\ntrain them again (--only {names} --rerun), or keep them and use another --runs folder")
 
 
 def events(run_dir: Path, name: str | None = None) -> list[dict]:

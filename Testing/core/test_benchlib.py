@@ -1,0 +1,62 @@
+"""The benchmark harness (scripts/benchlib.py) reuses a finished run only while it still stands for its setting."""
+import json
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts"))
+import benchlib  # noqa: E402
+
+from semiseg.config import config_from_dict, save_config  # noqa: E402
+
+RAW = {"method": "supervised", "data": {"root": "data", "num_classes": 2},
+       "model": {"name": "unet2d", "features": 8}, "train": {"iterations": 100, "patch_size": [32, 32]}}
+
+
+def finished_run(run_dir: Path, setting: str, overrides: list[str], seed: int) -> Path:
+    """A run directory as run_setting leaves it, trained with ``overrides`` (only the files the check reads)."""
+    run_dir.mkdir(parents=True)
+    save_config(config_from_dict(benchlib.resolved_config(setting, RAW, overrides, seed)), run_dir / "config.yaml")
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "best.pt").write_bytes(b"")
+    for name in ("summary.json", "bench.json"):
+        (run_dir / name).write_text(json.dumps({}))
+    return run_dir
+
+
+def test_a_finished_run_is_reused_whatever_its_threads_and_paths(tmp_path):
+    run = finished_run(tmp_path / "a" / "seed0", "a", ["train.threads=1", "train.init_from=/old/place"], 0)
+    expected = benchlib.resolved_config("a", RAW, ["train.threads=2", "train.init_from=/new/place"], 0)
+    assert benchlib.stale_reason(run, expected) is None
+
+
+def test_a_finished_run_with_another_config_is_stale(tmp_path):
+    run = finished_run(tmp_path / "a" / "seed0", "a", [], 0)
+    reason = benchlib.stale_reason(run, benchlib.resolved_config("a", RAW, ["train.iterations=200"], 0))
+    assert reason == "trained with another config (train.iterations: 100 -> 200)"
+    other_seed = benchlib.stale_reason(run, benchlib.resolved_config("a", RAW, [], 1))
+    assert "train.seed: 0 -> 1" in other_seed
+
+
+def test_a_run_whose_warm_start_was_trained_again_is_stale(tmp_path):
+    start = finished_run(tmp_path / "sup" / "seed0", "sup", [], 0)
+    run = finished_run(tmp_path / "cont" / "seed0", "cont", [], 0)
+    assert benchlib.stale_reason(run, benchlib.resolved_config("cont", RAW, [], 0), start) is None
+    later = (run / "bench.json").stat().st_mtime + 60
+    os.utime(start / "checkpoints" / "best.pt", (later, later))
+    assert "trained again" in benchlib.stale_reason(run, benchlib.resolved_config("cont", RAW, [], 0), start)
+
+
+def test_the_harness_stops_before_training_when_a_start_it_needs_is_stale(tmp_path):
+    """A stale warm start stops the benchmark even when only the runs built on it are asked for."""
+    finished_run(tmp_path / "bench" / "sup" / "seed0", "sup", [], 0)
+    settings = [benchlib.Setting("sup", dict(RAW, train=dict(RAW["train"], iterations=300))),
+                benchlib.Setting("cont", RAW, init_from="sup")]
+    args = SimpleNamespace(only=["cont"], seeds=[0], jobs=1, runs=str(tmp_path), set=[], rerun=False)
+    with pytest.raises(SystemExit, match=r"sup/seed0: trained with another config \(train.iterations: 100 -> 300\)"):
+        benchlib.run_settings("bench", settings, args)
+    assert not (tmp_path / "bench" / "cont").exists()
