@@ -69,7 +69,8 @@ def stale_reason(run_dir: Path, expected: dict, start: Path | None = None) -> st
     changes = config_changes(read_config(run_dir).to_dict(), config_from_dict(expected))
     learned = {k: v for k, v in changes.items() if k not in WHERE_NOT_WHAT}
     if learned:
-        return "trained with another config (" + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in learned.items()) + ")"
+        return "trained with another config (" + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in learned.items()) \
+            + ")"
     start_ckpt = start / "checkpoints" / "best.pt" if start else None
     if start_ckpt and start_ckpt.exists() and start_ckpt.stat().st_mtime > (run_dir / "bench.json").stat().st_mtime:
         return f"its warm start {start} was trained again after it finished"
@@ -160,8 +161,7 @@ def run_settings(bench: str, settings: list[Setting], args) -> dict[str, list[di
     def ready(s, seed):
         return s.init_from is None or finished(run_dir(s.init_from, seed))
 
-    if not args.rerun:
-        check_not_stale(wanted, by_name, args.seeds, run_dir, lambda s, seed: overrides(s, seed, 1))
+    check_not_stale(wanted, by_name, args.seeds, run_dir, lambda s, seed: overrides(s, seed, 1), args.rerun)
 
     running: list[tuple[subprocess.Popen, str]] = []
     pending = [(s, seed) for s, seed in todo if args.rerun or not finished(run_dir(s.name, seed))]
@@ -200,18 +200,21 @@ def run_settings(bench: str, settings: list[Setting], args) -> dict[str, list[di
     return {s.name: [read_run(run_dir(s.name, seed)) for seed in args.seeds] for s in wanted}
 
 
-def check_not_stale(wanted: list[Setting], by_name: dict[str, Setting], seeds: list[int], run_dir, overrides) -> None:
-    """Stop before training if a finished run that this benchmark would reuse (a wanted setting's, or a warm start
-    it depends on) was trained with another config or from an older start: a changed preset must not leave old
-    numbers standing in a new table."""
+def check_not_stale(wanted: list[Setting], by_name: dict[str, Setting], seeds: list[int], run_dir, overrides,
+                    rerun: bool) -> None:
+    """Stop before training if a finished run that this benchmark would reuse (a wanted setting's, unless ``rerun``
+    trains those again, or a warm start they depend on) was trained with another config or from an older start: a
+    changed preset must not leave old numbers standing in a new table."""
     needed, stack = {}, list(wanted)
     while stack:
         s = stack.pop()
         needed[s.name] = s
         if s.init_from and s.init_from not in needed:
             stack.append(by_name[s.init_from])
+    rerun_names = {s.name for s in wanted} if rerun else set()
+    reused = [s for s in needed.values() if s.name not in rerun_names]
     stale = []
-    for s in needed.values():
+    for s in reused:
         for seed in seeds:
             d = run_dir(s.name, seed)
             if finished(d):

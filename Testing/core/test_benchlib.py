@@ -51,12 +51,14 @@ def test_a_run_whose_warm_start_was_trained_again_is_stale(tmp_path):
     assert "trained again" in benchlib.stale_reason(run, benchlib.resolved_config("cont", RAW, [], 0), start)
 
 
-def test_the_harness_stops_before_training_when_a_start_it_needs_is_stale(tmp_path):
-    """A stale warm start stops the benchmark even when only the runs built on it are asked for."""
+@pytest.mark.parametrize("rerun", [False, True])
+def test_the_harness_stops_before_training_when_a_start_it_needs_is_stale(tmp_path, rerun):
+    """A stale warm start stops the benchmark even when only the runs built on it are asked for (and --rerun, which
+    retrains only those, does not excuse it)."""
     finished_run(tmp_path / "bench" / "sup" / "seed0", "sup", [], 0)
     settings = [benchlib.Setting("sup", dict(RAW, train=dict(RAW["train"], iterations=300))),
                 benchlib.Setting("cont", RAW, init_from="sup")]
-    args = SimpleNamespace(only=["cont"], seeds=[0], jobs=1, runs=str(tmp_path), set=[], rerun=False)
+    args = SimpleNamespace(only=["cont"], seeds=[0], jobs=1, runs=str(tmp_path), set=[], rerun=rerun)
     with pytest.raises(SystemExit, match=r"sup/seed0: trained with another config \(train.iterations: 100 -> 300\)"):
         benchlib.run_settings("bench", settings, args)
     assert not (tmp_path / "bench" / "cont").exists()
