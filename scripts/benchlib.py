@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "SemiSegCore"))
 
-from semiseg.config import apply_overrides, config_from_dict  # noqa: E402
+from semiseg.config import apply_overrides, config_changes, config_from_dict, load_config  # noqa: E402
 from semiseg.utils import device_name, pick_device, usable_cores  # noqa: E402
 
 import yaml  # noqa: E402
@@ -63,10 +63,7 @@ def stale_reason(run_dir: Path, expected: dict, start: Path | None = None) -> st
     """Why the finished run in ``run_dir`` no longer stands for its setting (None if it does): its config.yaml
     differs from ``expected`` (the setting's raw config with every override applied) in what it learns, or its
     warm start ``start`` was trained again after it finished."""
-    from semiseg.runs import read_config
-    from semiseg.train.rundir import config_changes
-
-    changes = config_changes(read_config(run_dir).to_dict(), config_from_dict(expected))
+    changes = config_changes(load_config(run_dir / "config.yaml").to_dict(), config_from_dict(expected))
     learned = {k: v for k, v in changes.items() if k not in WHERE_NOT_WHAT}
     if learned:
         return "trained with another config (" + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in learned.items()) \

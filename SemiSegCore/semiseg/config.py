@@ -304,6 +304,24 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return config_from_dict(apply_overrides(raw, overrides or []))
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(saved: dict, cfg: Config) -> dict[str, tuple]:
+    """Dotted key -> (saved value, new value) for every value that differs."""
+    old, new = _flat(saved), _flat(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
+    missing = "(unset)"
+    return {k: (old.get(k, missing), new.get(k, missing)) for k in sorted(old.keys() | new.keys())
+            if old.get(k, missing) != new.get(k, missing)}
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     from .utils import atomic_write_text
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import Config, save_config
+from ..config import Config, config_changes, save_config
 from ..errors import RunDirError
 
 RESUMABLE = ("name", "train.iterations", "train.val_every", "train.checkpoint_every", "train.device",
@@ -59,24 +59,6 @@ def _lock(f) -> None:
         msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
         return
     fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def config_changes(saved: dict, cfg: Config) -> dict[str, tuple]:
-    """Dotted key -> (saved value, new value) for every value that differs."""
-    old, new = _flat(saved), _flat(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
-    missing = "(unset)"
-    return {k: (old.get(k, missing), new.get(k, missing)) for k in sorted(old.keys() | new.keys())
-            if old.get(k, missing) != new.get(k, missing)}
 
 
 def prepare_run_dir(cfg: Config, run_dir: str | Path, force_new: bool = False) -> list[str]:
