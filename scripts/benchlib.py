@@ -62,7 +62,8 @@ from its setting's only in these is still that setting's run."""
 def stale_reason(run_dir: Path, expected: dict, start: Path | None = None) -> str | None:
     """Why the finished run in ``run_dir`` no longer stands for its setting (None if it does): its config.yaml
     differs from ``expected`` (the setting's raw config with every override applied) in what it learns, or its
-    warm start ``start`` was trained again after it finished."""
+    warm start ``start`` was trained again after it finished. Not seen: a changed default of a key that neither
+    config sets (config.yaml keeps a method's own section as written, without its defaults)."""
     changes = config_changes(load_config(run_dir / "config.yaml").to_dict(), config_from_dict(expected))
     learned = {k: v for k, v in changes.items() if k not in WHERE_NOT_WHAT}
     if learned:
