@@ -23,7 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "SemiSegCore"))
 
-from semiseg.config import apply_overrides, config_changes, config_from_dict, load_config  # noqa: E402
+from semiseg.config import (apply_overrides, config_changes, config_from_dict, describe_changes,  # noqa: E402
+                            load_config)
 from semiseg.utils import device_name, pick_device, usable_cores  # noqa: E402
 
 import yaml  # noqa: E402
@@ -67,8 +68,7 @@ def stale_reason(run_dir: Path, expected: dict, start: Path | None = None) -> st
     changes = config_changes(load_config(run_dir / "config.yaml").to_dict(), config_from_dict(expected))
     learned = {k: v for k, v in changes.items() if k not in WHERE_NOT_WHAT}
     if learned:
-        return "trained with another config (" + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in learned.items()) \
-            + ")"
+        return f"trained with another config ({describe_changes(learned)})"
     start_ckpt = start / "checkpoints" / "best.pt" if start else None
     if start_ckpt and start_ckpt.exists() and start_ckpt.stat().st_mtime > (run_dir / "bench.json").stat().st_mtime:
         return f"its warm start {start} was trained again after it finished"

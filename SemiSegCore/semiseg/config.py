@@ -322,6 +322,13 @@ def config_changes(saved: dict, cfg: Config) -> dict[str, tuple]:
             if old.get(k, missing) != new.get(k, missing)}
 
 
+def describe_changes(changes: dict[str, tuple], limit: int | None = None) -> str:
+    """``config_changes`` as text, 'key: old -> new; ...'; past ``limit`` keys, '; and N more'."""
+    keys = list(changes)
+    shown = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in keys[:limit])
+    return shown + (f"; and {len(keys) - limit} more" if limit is not None and len(keys) > limit else "")
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     from .utils import atomic_write_text
 

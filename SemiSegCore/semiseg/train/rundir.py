@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import Config, config_changes, save_config
+from ..config import Config, config_changes, describe_changes, save_config
 from ..errors import RunDirError
 
 RESUMABLE = ("name", "train.iterations", "train.val_every", "train.checkpoint_every", "train.device",
@@ -94,9 +94,8 @@ def prepare_run_dir(cfg: Config, run_dir: str | Path, force_new: bool = False) -
     inference_only = {f"{cfg.method}.{k}" for k in get_method_class(cfg.method).inference_only_params}
     fixed = [k for k in changes if k not in RESUMABLE and k not in inference_only]
     if fixed:
-        shown = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in fixed[:6])
-        more = f"; and {len(fixed) - 6} more" if len(fixed) > 6 else ""
-        raise RunDirError(f"{run_dir}: was started with another config ({shown}{more}); to resume use the config in "
+        shown = describe_changes({k: changes[k] for k in fixed}, limit=6)
+        raise RunDirError(f"{run_dir}: was started with another config ({shown}); to resume use the config in "
                           f"{saved_path}, to start over pass --force-new (the old run is moved aside), or use another "
                           f"--out")
     save_config(cfg, saved_path)
