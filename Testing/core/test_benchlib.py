@@ -1,4 +1,5 @@
 """The benchmark harness (scripts/benchlib.py) reuses a finished run only while it still stands for its setting."""
+import dataclasses
 import json
 import os
 import sys
@@ -12,15 +13,20 @@ sys.path.insert(0, str(REPO / "scripts"))
 import benchlib  # noqa: E402
 
 from semiseg.config import config_from_dict, save_config  # noqa: E402
+from semiseg.methods import with_method_defaults  # noqa: E402
+from semiseg.methods.knowledge_mining import KnowledgeMining, KnowledgeMiningParams  # noqa: E402
 
 RAW = {"method": "supervised", "data": {"root": "data", "num_classes": 2},
        "model": {"name": "unet2d", "features": 8}, "train": {"iterations": 100, "patch_size": [32, 32]}}
 
 
-def finished_run(run_dir: Path, setting: str, overrides: list[str], seed: int) -> Path:
-    """A run directory as run_setting leaves it, trained with ``overrides`` (only the files the check reads)."""
+def finished_run(run_dir: Path, setting: str, overrides: list[str], seed: int, raw: dict = RAW,
+                 saved_defaults: bool = True) -> Path:
+    """A run directory as run_setting leaves it, trained with ``overrides`` (only the files the check reads);
+    ``saved_defaults=False``: config.yaml as runs saved it before it kept the method's defaults."""
     run_dir.mkdir(parents=True)
-    save_config(config_from_dict(benchlib.resolved_config(setting, RAW, overrides, seed)), run_dir / "config.yaml")
+    cfg = config_from_dict(benchlib.resolved_config(setting, raw, overrides, seed))
+    save_config(with_method_defaults(cfg) if saved_defaults else cfg, run_dir / "config.yaml")
     (run_dir / "checkpoints").mkdir()
     (run_dir / "checkpoints" / "best.pt").write_bytes(b"")
     for name in ("summary.json", "bench.json"):
@@ -40,6 +46,22 @@ def test_a_finished_run_with_another_config_is_stale(tmp_path):
     assert reason == "trained with another config (train.iterations: 100 -> 200)"
     other_seed = benchlib.stale_reason(run, benchlib.resolved_config("a", RAW, [], 1))
     assert "train.seed: 0 -> 1" in other_seed
+
+
+def test_a_changed_method_default_makes_a_finished_run_stale(tmp_path, monkeypatch):
+    raw = dict(RAW, method="knowledge_mining", knowledge_mining={"schedule": "one_time"})
+    run = finished_run(tmp_path / "km" / "seed0", "km", [], 0, raw)
+    old_style = finished_run(tmp_path / "old" / "seed0", "km", [], 0, raw, saved_defaults=False)
+    expected = benchlib.resolved_config("km", raw, [], 0)
+    assert benchlib.stale_reason(run, expected) is None and benchlib.stale_reason(old_style, expected) is None
+
+    @dataclasses.dataclass
+    class LighterPseudoLabels(KnowledgeMiningParams):
+        weight: float = 0.5
+
+    monkeypatch.setattr(KnowledgeMining, "Params", LighterPseudoLabels)
+    assert benchlib.stale_reason(run, expected) == "trained with another config (knowledge_mining.weight: 1.0 -> 0.5)"
+    assert benchlib.stale_reason(old_style, expected) is None  # its missing keys read as today's defaults
 
 
 def test_a_run_whose_warm_start_was_trained_again_is_stale(tmp_path):

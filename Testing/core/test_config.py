@@ -1,12 +1,28 @@
 import pytest
+import yaml
 
 from semiseg.config import ConfigError, config_from_dict, load_config
+from semiseg.methods import with_method_defaults
 
 
 def test_example_configs_load(repo_dir):
     for path in sorted((repo_dir / "Resources" / "configs").glob("*.yaml")):
         cfg = load_config(path)
         assert cfg.name and cfg.data.root.startswith("../shared/data")
+
+
+def test_method_defaults_fill_the_section_and_survive_config_yaml(repo_dir):
+    """What training saves in config.yaml (the method's section with its defaults) loads back to the same config."""
+    for path in sorted((repo_dir / "Resources" / "configs").glob("*.yaml")):
+        cfg = load_config(path)
+        full = with_method_defaults(cfg)
+        assert set(cfg.method_params) <= set(full.method_params)
+        assert all(full.method_params[k] == v for k, v in cfg.method_params.items()), path.name
+        again = with_method_defaults(config_from_dict(yaml.safe_load(yaml.safe_dump(full.to_dict()))))
+        assert again.to_dict() == full.to_dict(), path.name
+    km = with_method_defaults(load_config(repo_dir / "Resources/configs/kvasir_km.yaml"))
+    assert km.method_params["sam_grid"] == "source" and "sam_grid" not in load_config(
+        repo_dir / "Resources/configs/kvasir_km.yaml").method_params
 
 
 def test_unknown_key_named_with_suggestion(repo_dir):

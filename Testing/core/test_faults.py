@@ -14,12 +14,14 @@ import pytest
 import yaml
 
 from semiseg.cli import error_line, main
-from semiseg.config import ConfigError, config_from_dict
+from semiseg.config import ConfigError, apply_overrides, config_from_dict, save_config
 from semiseg.data.cases import Case, discover_cases, load_case
-from semiseg.errors import TrainingError
+from semiseg.errors import RunDirError, TrainingError
 from semiseg.io import ImageError
 from semiseg.report import evaluate_folders, format_table, write_report
+from semiseg.methods import with_method_defaults
 from semiseg.train import Trainer
+from semiseg.train.rundir import prepare_run_dir
 
 
 def la_files(la_dir, n=3):
@@ -148,6 +150,20 @@ def test_3b_iterations_may_change_on_resume_and_are_recorded(run_copy, capsys):
     log = [json.loads(line) for line in open(run / "log.jsonl")]
     assert any(r["event"] == "config_changed" and r["keys"] == ["train.iterations"] for r in log)
     assert any(r["event"] == "resumed" and r["step"] == 2 for r in log) and log[-1]["event"] == "done"
+
+
+def test_3c_a_run_saved_without_its_method_defaults_still_resumes(tmp_path):
+    """config.yaml keeps the method's defaults since training fills them in; a run saved before resumes with the
+    same config, and a changed value is still refused."""
+    raw = {"method": "knowledge_mining", "data": {"root": str(tmp_path)}, "knowledge_mining": {"warmup": 5}}
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(b"")
+    save_config(config_from_dict(raw), run / "config.yaml")
+    assert prepare_run_dir(with_method_defaults(config_from_dict(raw)), run) == []
+    lighter = with_method_defaults(config_from_dict(apply_overrides(raw, ["knowledge_mining.weight=0.5"])))
+    with pytest.raises(RunDirError, match=r"knowledge_mining.weight: 1.0 -> 0.5"):
+        prepare_run_dir(lighter, run)
 
 
 def test_4_predict_refuses_an_output_folder_inside_the_input(la_dir, tiny_run, tmp_path, capsys):

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import yaml
 
-from ..config import Config, config_changes, describe_changes, save_config
+from ..config import Config, ConfigError, config_changes, config_from_dict, describe_changes, save_config
 from ..errors import RunDirError
+from ..methods import get_method_class, with_method_defaults
 
 RESUMABLE = ("name", "train.iterations", "train.val_every", "train.checkpoint_every", "train.device",
              "train.threads")
@@ -82,15 +83,13 @@ def prepare_run_dir(cfg: Config, run_dir: str | Path, force_new: bool = False) -
     saved_path = run_dir / "config.yaml"
     if not saved_path.exists():
         return []
-    changes = config_changes(yaml.safe_load(saved_path.read_text()) or {}, cfg)
+    changes = config_changes(_saved_config(saved_path), cfg)
     if not changes:
         return []
     if not started:  # nothing trained yet: the split and config of the failed start are simply redone
         saved_path.unlink()
         (run_dir / "manifest.json").unlink(missing_ok=True)
         return []
-    from ..methods import get_method_class
-
     inference_only = {f"{cfg.method}.{k}" for k in get_method_class(cfg.method).inference_only_params}
     fixed = [k for k in changes if k not in RESUMABLE and k not in inference_only]
     if fixed:
@@ -100,3 +99,13 @@ def prepare_run_dir(cfg: Config, run_dir: str | Path, force_new: bool = False) -
                           f"--out")
     save_config(cfg, saved_path)
     return list(changes)
+
+
+def _saved_config(path: Path) -> dict:
+    """A run's config.yaml with its method's defaults filled in as ``train`` fills them. A run saved before
+    config.yaml kept them reads today's defaults for the keys it lacks (all that is known of them) and resumes."""
+    try:
+        return with_method_defaults(config_from_dict(yaml.safe_load(path.read_text()) or {})).to_dict()
+    except ConfigError as exc:
+        raise RunDirError(f"{path}: no longer a valid config ({exc}); start over with --force-new or use another "
+                          f"--out") from None

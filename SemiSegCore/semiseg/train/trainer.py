@@ -25,7 +25,7 @@ from ..data.sampling import Augmentation, PatchSampler
 from ..errors import TrainingError
 from ..evaluate import mean_dice, score_case
 from ..infer import Predictor
-from ..methods import build_method, check_params
+from ..methods import build_method, with_method_defaults
 from ..methods.context import TrainingContext
 from ..report import evaluate_cases
 from ..runs import find_checkpoint, load_cases, load_weights
@@ -288,7 +288,7 @@ def train(cfg: Config, run_dir: str | Path, quiet: bool = False, evaluate_val: b
           force_new: bool = False) -> dict:
     """Train (or resume) a run in ``run_dir``, locked against other processes for the whole run, after checking it
     (see ``rundir.prepare_run_dir``; ``force_new`` moves an existing run aside and starts over)."""
-    check_params(cfg)  # the method's own section, before the run directory or any data is touched
+    cfg = with_method_defaults(cfg)  # checks the method's own section before the run directory or data is touched
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 locks and prepares; the others meet it at setup
         return _train(cfg, run_dir, quiet, evaluate_val)
     with RunLock(run_dir):
