@@ -24,3 +24,18 @@ def test_plan_for_la_measures_a_real_step(repo_dir, la_dir):
     assert all(p % size_multiple(plan.model) == 0 for p in plan.patch_size)
     assert plan.seconds_per_iteration > 0 and plan.iterations >= 100
     assert "--set data.target_spacing=[1.25,1.25,1.25]" in plan.text()
+
+
+def test_pictures_on_a_cpu_give_way_to_iterations(repo_dir, kvasir_dir):
+    """Kvasir's 256 px pictures: 128 px when the budget buys enough iterations there, coarser (down to 64 px) when
+    it does not; a target spacing the config sets is kept."""
+    cfg = load_config(repo_dir / "Resources" / "configs" / "kvasir_cpu.yaml",
+                      [f"data.root={kvasir_dir}", "data.target_spacing=null", "model.features=4",
+                       "train.batch_size=1", "train.threads=1"])
+    roomy = make_plan(cfg, budget_minutes=10_000, device="cpu")
+    assert roomy.target_spacing == [2.0, 2.0] and roomy.patch_size == [128, 128]
+    tight = make_plan(cfg, budget_minutes=0.1, device="cpu")  # not even 64 px buys 5,000 iterations in 6 s
+    assert tight.target_spacing == [4.0, 4.0] and tight.patch_size == [64, 64] and tight.working_shape == (64, 64)
+    assert "at 128 px the budget buys" in tight.text() and "64 px buys" in tight.text()
+    cfg.data.target_spacing = 2.0
+    assert make_plan(cfg, budget_minutes=0.1, device="cpu").patch_size == [128, 128]
