@@ -63,9 +63,9 @@ from its setting's only in these is still that setting's run."""
 def stale_reason(run_dir: Path, expected: dict, start: Path | None = None) -> str | None:
     """Why the finished run in ``run_dir`` no longer stands for its setting (None if it does): its config.yaml
     differs from ``expected`` (the setting's raw config with every override applied) in what it learns, or its
-    warm start ``start`` was trained again after it finished. Both sides carry their method's defaults (config.yaml keeps
-    those a run trained with; a run saved before it did reads today's for the keys it lacks), so a changed default
-    counts too. The check imports the method's module, and with it torch."""
+    warm start ``start`` was trained again after it finished. Both sides carry their method's defaults (config.yaml
+    keeps those a run trained with; a run saved before it did reads today's for the keys it lacks), so a changed
+    default counts too. The check imports the method's module, and with it torch."""
     from semiseg.methods import with_method_defaults
 
     saved = with_method_defaults(load_config(run_dir / "config.yaml"))

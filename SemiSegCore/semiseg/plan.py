@@ -169,7 +169,8 @@ def make_plan(cfg: Config, budget_minutes: float = 20.0, device: str | None = No
     sec = seconds_per_iteration(_trial(cfg, model, patch), dev)
     iterations = fitting_iterations(budget_minutes, sec)
     if cpu and len(shape) == 2 and cfg.data.target_spacing is None and iterations < MIN_PICTURE_ITERATIONS:
-        side, first = max(patch), (max(patch), iterations)
+        planned_side, planned_iterations = max(patch), iterations
+        side = planned_side
         while side > MIN_PICTURE_SIDE and iterations < MIN_PICTURE_ITERATIONS:
             side -= 16
             target = [float(max(shape * spacing)) / side] * 2
@@ -177,8 +178,8 @@ def make_plan(cfg: Config, budget_minutes: float = 20.0, device: str | None = No
             patch = plan_patch(work, model, max_patch)
             sec = seconds_per_iteration(_trial(cfg, model, patch), dev)
             iterations = fitting_iterations(budget_minutes, sec)
-        reasons.append(f"at {first[0]} px the budget buys {first[1]} iterations, fewer than {MIN_PICTURE_ITERATIONS}: "
-                       f"{side} px buys {iterations}")
+        reasons.append(f"at {planned_side} px the budget buys {planned_iterations} iterations, fewer than "
+                       f"{MIN_PICTURE_ITERATIONS}: {side} px buys {iterations}")
     return Plan(n, tuple(spacing), tuple(int(s) for s in shape), target, work, model, patch, sec, max(iterations, 100),
                 budget_minutes, str(dev), threads, reasons)
 
