@@ -83,6 +83,7 @@ def prepare_run_dir(cfg: Config, run_dir: str | Path, force_new: bool = False) -
     saved_path = run_dir / "config.yaml"
     if not saved_path.exists():
         return []
+    cfg = with_method_defaults(cfg)  # as train saves it
     changes = config_changes(_saved_config(saved_path), cfg)
     if not changes:
         return []
