@@ -23,8 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "SemiSegCore"))
 
-from semiseg.config import (apply_overrides, config_changes, config_from_dict, describe_changes,  # noqa: E402
-                            load_config)
+from semiseg.config import apply_overrides, config_from_dict, describe_changes  # noqa: E402
 from semiseg.utils import device_name, pick_device, usable_cores  # noqa: E402
 
 import yaml  # noqa: E402
@@ -65,11 +64,10 @@ def stale_reason(run_dir: Path, expected: dict, start: Path | None = None) -> st
     differs from ``expected`` (the setting's raw config with every override applied) in what it learns, or its
     warm start ``start`` was trained again after it finished. Both sides carry their method's defaults (config.yaml
     keeps those a run trained with; a run saved before it did reads today's for the keys it lacks), so a changed
-    default counts too. The check imports the method's module, and with it torch."""
-    from semiseg.methods import with_method_defaults
+    default counts too (``train.rundir.changes_since_saved``, as a resume compares them). The check imports torch."""
+    from semiseg.train.rundir import changes_since_saved
 
-    saved = with_method_defaults(load_config(run_dir / "config.yaml"))
-    changes = config_changes(saved.to_dict(), with_method_defaults(config_from_dict(expected)))
+    changes = changes_since_saved(run_dir, config_from_dict(expected))
     learned = {k: v for k, v in changes.items() if k not in WHERE_NOT_WHAT}
     if learned:
         return f"trained with another config ({describe_changes(learned)})"

@@ -6,11 +6,10 @@ import os
 import time
 from pathlib import Path
 
-import yaml
-
-from ..config import Config, ConfigError, config_changes, config_from_dict, describe_changes, save_config
+from ..config import Config, ConfigError, config_changes, describe_changes, save_config
 from ..errors import RunDirError
 from ..methods import get_method_class, with_method_defaults
+from ..runs import read_config
 
 RESUMABLE = ("name", "train.iterations", "train.val_every", "train.checkpoint_every", "train.device",
              "train.threads")
@@ -83,8 +82,7 @@ def prepare_run_dir(cfg: Config, run_dir: str | Path, force_new: bool = False) -
     saved_path = run_dir / "config.yaml"
     if not saved_path.exists():
         return []
-    cfg = with_method_defaults(cfg)  # as train saves it
-    changes = config_changes(_saved_config(saved_path), cfg)
+    changes = changes_since_saved(run_dir, cfg)
     if not changes:
         return []
     if not started:  # nothing trained yet: the split and config of the failed start are simply redone
@@ -102,11 +100,14 @@ def prepare_run_dir(cfg: Config, run_dir: str | Path, force_new: bool = False) -
     return list(changes)
 
 
-def _saved_config(path: Path) -> dict:
-    """A run's config.yaml with its method's defaults filled in as ``train`` fills them. A run saved before
-    config.yaml kept them reads today's defaults for the keys it lacks (all that is known of them) and resumes."""
+
+def changes_since_saved(run_dir: str | Path, cfg: Config) -> dict[str, tuple]:
+    """``config_changes`` from the run's config.yaml to ``cfg``, both with their method's defaults filled in as
+    ``train`` fills them. A run saved before config.yaml kept them reads today's defaults for the keys it lacks (all
+    that is known of them), so it still resumes; a config.yaml that no longer loads is a RunDirError."""
     try:
-        return with_method_defaults(config_from_dict(yaml.safe_load(path.read_text()) or {})).to_dict()
+        saved = with_method_defaults(read_config(run_dir))
     except ConfigError as exc:
-        raise RunDirError(f"{path}: no longer a valid config ({exc}); start over with --force-new or use another "
-                          f"--out") from None
+        raise RunDirError(f"{Path(run_dir) / 'config.yaml'}: no longer a valid config ({exc}); start over with "
+                          f"--force-new or use another --out") from None
+    return config_changes(saved.to_dict(), with_method_defaults(cfg))
