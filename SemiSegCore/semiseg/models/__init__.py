@@ -26,19 +26,36 @@ def build_model(name: str, in_channels: int, num_classes: int, features: int = 1
     from monai.networks.nets import UNet, BasicUNet, BasicUNetPlusPlus
 
     if name == "vnet":
-        return VNet(in_channels, num_classes, base=features, dropout=dropout, norm=norm)
-    if name in ("unet3d", "unet2d"):
-        return BasicUNet(spatial_dims=3 if name == "unet3d" else 2, in_channels=in_channels, out_channels=num_classes,
-                         features=_widths(features), dropout=dropout)
-    if name == "unetpp2d":
-        return _UNetPlusPlus(BasicUNetPlusPlus(spatial_dims=2, in_channels=in_channels, out_channels=num_classes,
-                                               features=_widths(features), dropout=dropout))
-    if name in STRIDED_LEVELS:
+        net = VNet(in_channels, num_classes, base=features, dropout=dropout, norm=norm)
+    elif name in ("unet3d", "unet2d"):
+        net = BasicUNet(spatial_dims=3 if name == "unet3d" else 2, in_channels=in_channels, out_channels=num_classes,
+                        features=_widths(features), dropout=dropout)
+    elif name == "unetpp2d":
+        net = _UNetPlusPlus(BasicUNetPlusPlus(spatial_dims=2, in_channels=in_channels, out_channels=num_classes,
+                                              features=_widths(features), dropout=dropout))
+    elif name in STRIDED_LEVELS:
         levels = STRIDED_LEVELS[name]
-        return UNet(spatial_dims=spatial_dims_of(name), in_channels=in_channels, out_channels=num_classes,
-                    channels=tuple(features * 2 ** i for i in range(levels + 1)), strides=(2,) * levels,
-                    dropout=dropout)
-    raise ValueError(f"unknown model '{name}' ({', '.join(MODEL_NAMES)})")
+        net = UNet(spatial_dims=spatial_dims_of(name), in_channels=in_channels, out_channels=num_classes,
+                   channels=tuple(features * 2 ** i for i in range(levels + 1)), strides=(2,) * levels,
+                   dropout=dropout)
+    else:
+        raise ValueError(f"unknown model '{name}' ({', '.join(MODEL_NAMES)})")
+    return instance_norms_as_group_norms(net)
+
+
+def instance_norms_as_group_norms(net: nn.Module) -> nn.Module:
+    """Replace every instance norm without running statistics (MONAI's default) by the GroupNorm with one channel
+    per group: the same normalisation and the same parameters (``weight``, ``bias``), so checkpoints load either
+    way, but PyTorch's CPU kernels for it are faster (a U-Net++ training step at 96 px about 9% faster, 3D inference
+    about 30%; measured with ``scripts/bench_norms``)."""
+    for module in list(net.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.modules.instancenorm._InstanceNorm) and not child.track_running_stats:
+                group = nn.GroupNorm(child.num_features, child.num_features, eps=child.eps, affine=child.affine)
+                if child.affine:
+                    group.load_state_dict(child.state_dict())
+                setattr(module, child_name, group)
+    return net
 
 
 class _UNetPlusPlus(nn.Module):

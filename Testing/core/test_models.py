@@ -1,0 +1,40 @@
+"""The networks build_model returns: MONAI's, with instance norms as one-channel-per-group GroupNorms (faster on a
+CPU), computing the same function with the same parameters."""
+import pytest
+import torch
+import torch.nn as nn
+
+from semiseg.models import build_model
+from semiseg.registry import STRIDED_LEVELS
+
+
+def monai_original(name: str, in_channels: int, features: int) -> nn.Module:
+    from monai.networks.nets import BasicUNetPlusPlus, UNet
+
+    if name == "unetpp2d":
+        return BasicUNetPlusPlus(spatial_dims=2, in_channels=in_channels, out_channels=2,
+                                 features=(features, features, 2 * features, 4 * features, 8 * features, features))
+    levels = STRIDED_LEVELS[name]
+    return UNet(spatial_dims=3, in_channels=in_channels, out_channels=2,
+                channels=tuple(features * 2 ** i for i in range(levels + 1)), strides=(2,) * levels)
+
+
+@pytest.mark.parametrize("name,shape", [("unetpp2d", (2, 3, 32, 32)), ("strided_unet3d", (1, 1, 32, 32, 16))])
+def test_group_norms_compute_what_monai_instance_norms_do(name, shape):
+    torch.manual_seed(0)
+    net = build_model(name, shape[1], 2, features=4)
+    original = monai_original(name, shape[1], 4)
+    assert any(isinstance(m, nn.modules.instancenorm._InstanceNorm) for m in original.modules())
+    assert not any(isinstance(m, nn.modules.instancenorm._InstanceNorm) for m in net.modules())
+    assert any(isinstance(m, nn.GroupNorm) for m in net.modules())
+    inner = net.net if name == "unetpp2d" else net
+    # the same parameter names and shapes: checkpoints of either load into the other
+    assert {k: v.shape for k, v in inner.state_dict().items()} == {k: v.shape for k, v in original.state_dict().items()}
+    with torch.no_grad():
+        for p in inner.parameters():  # affine parameters away from 1 and 0, so that they matter
+            p.add_(0.1 * torch.randn_like(p))
+    original.load_state_dict(inner.state_dict())
+    x = torch.randn(*shape)
+    out = original(x)
+    expected = out[0] if isinstance(out, list) else out
+    torch.testing.assert_close(net(x), expected, atol=1e-5, rtol=1e-4)
