@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from semiseg.models import build_model
+from semiseg.models import _widths, build_model
 from semiseg.registry import STRIDED_LEVELS
 
 
@@ -12,8 +12,7 @@ def monai_original(name: str, in_channels: int, features: int) -> nn.Module:
     from monai.networks.nets import BasicUNetPlusPlus, UNet
 
     if name == "unetpp2d":
-        return BasicUNetPlusPlus(spatial_dims=2, in_channels=in_channels, out_channels=2,
-                                 features=(features, features, 2 * features, 4 * features, 8 * features, features))
+        return BasicUNetPlusPlus(spatial_dims=2, in_channels=in_channels, out_channels=2, features=_widths(features))
     levels = STRIDED_LEVELS[name]
     return UNet(spatial_dims=3, in_channels=in_channels, out_channels=2,
                 channels=tuple(features * 2 ** i for i in range(levels + 1)), strides=(2,) * levels)

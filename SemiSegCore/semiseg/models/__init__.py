@@ -14,7 +14,8 @@ import torch.nn as nn
 from ..registry import MODEL_NAMES, STRIDED_LEVELS, size_multiple, spatial_dims_of
 from .vnet import VNet
 
-__all__ = ["MODEL_NAMES", "build_model", "size_multiple", "spatial_dims_of"]
+__all__ = ["MODEL_NAMES", "build_model", "instance_norms_as_group_norms", "replace_modules", "size_multiple",
+           "spatial_dims_of"]
 
 
 def _widths(base: int) -> tuple[int, ...]:
@@ -43,19 +44,31 @@ def build_model(name: str, in_channels: int, num_classes: int, features: int = 1
     return instance_norms_as_group_norms(net)
 
 
+def replace_modules(net: nn.Module, replacement) -> nn.Module:
+    """Replace, in place, every submodule for which ``replacement(module)`` returns a module (None keeps it)."""
+    for module in list(net.modules()):
+        for child_name, child in list(module.named_children()):
+            new = replacement(child)
+            if new is not None:
+                setattr(module, child_name, new)
+    return net
+
+
 def instance_norms_as_group_norms(net: nn.Module) -> nn.Module:
     """Replace every instance norm without running statistics (MONAI's default) by the GroupNorm with one channel
     per group: the same normalisation and the same parameters (``weight``, ``bias``), so checkpoints load either
     way, but PyTorch's CPU kernels for it are faster (on 2 cores: a training step of the Kvasir preset's U-Net++ 219
     -> 189 ms, of the LA preset's strided 3D U-Net 64 -> 61 ms; ``scripts/bench_norms``)."""
-    for module in list(net.modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.modules.instancenorm._InstanceNorm) and not child.track_running_stats:
-                group = nn.GroupNorm(child.num_features, child.num_features, eps=child.eps, affine=child.affine)
-                if child.affine:
-                    group.load_state_dict(child.state_dict())
-                setattr(module, child_name, group)
-    return net
+
+    def group_norm(child: nn.Module) -> nn.Module | None:
+        if not isinstance(child, nn.modules.instancenorm._InstanceNorm) or child.track_running_stats:
+            return None
+        group = nn.GroupNorm(child.num_features, child.num_features, eps=child.eps, affine=child.affine)
+        if child.affine:
+            group.load_state_dict(child.state_dict())
+        return group
+
+    return replace_modules(net, group_norm)
 
 
 class _UNetPlusPlus(nn.Module):

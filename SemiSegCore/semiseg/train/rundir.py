@@ -100,7 +100,6 @@ def prepare_run_dir(cfg: Config, run_dir: str | Path, force_new: bool = False) -
     return list(changes)
 
 
-
 def changes_since_saved(run_dir: str | Path, cfg: Config) -> dict[str, tuple]:
     """``config_changes`` from the run's config.yaml to ``cfg``, both with their method's defaults filled in as
     ``train`` fills them. A run saved before config.yaml kept them reads today's defaults for the keys it lacks (all
