@@ -97,6 +97,9 @@ class TrainConfig:
     rotate_augment: float = 0.0
     """Random in-plane rotation of training patches, angles from -x to x degrees (0: none). See
     data.sampling.Augmentation."""
+    gamma_augment: float = 0.0
+    """Random gamma of 30% of training patches, powers from 1/(1+x) to 1+x (0: none). See
+    data.sampling.Augmentation."""
     foreground_crop: float = 0.5
     """Probability that a labelled patch is centred on foreground (helps small structures)."""
     val_max_cases: Optional[int] = None
@@ -238,6 +241,8 @@ def check_values(cfg: Config) -> None:
                           f"got {t.scale_augment}, {t.intensity_augment}")
     if not 0 <= t.rotate_augment <= 180:
         raise ConfigError(f"config key 'train.rotate_augment' must be 0 to 180 degrees, got {t.rotate_augment}")
+    if not 0 <= t.gamma_augment <= 2:
+        raise ConfigError(f"config key 'train.gamma_augment' must be 0 to 2, got {t.gamma_augment}")
     if t.weight_decay < 0 or not 0 <= t.foreground_crop <= 1 or not 0 <= i.overlap < 1:
         raise ConfigError(f"config keys 'train.weight_decay' (>= 0), 'train.foreground_crop' (0 to 1) and "
                           f"'infer.overlap' (0 to below 1): got {t.weight_decay}, {t.foreground_crop}, {i.overlap}")

@@ -36,6 +36,8 @@ def test_unknown_key_named_with_suggestion(repo_dir):
         config_from_dict({"model": {"name": "vnet"}, "train": {"patch_size": [64, 64]}})
     with pytest.raises(ConfigError, match="'train.rotate_augment' must be 0 to 180 degrees, got -5"):
         config_from_dict({"train": {"rotate_augment": -5}})
+    with pytest.raises(ConfigError, match="'train.gamma_augment' must be 0 to 2, got 3"):
+        config_from_dict({"train": {"gamma_augment": 3}})
 
 
 def test_overrides(repo_dir):

@@ -136,3 +136,29 @@ def test_scale_and_intensity_augmentation_keep_image_and_label_aligned(kvasir_di
     assert bool((j.label[0] == s.label[0]).all()) and not bool((j.image[0] == s.image[0]).all())
     ratio = (j.image[0].mean(dim=(1, 2)) / s.image[0].mean(dim=(1, 2))).numpy()
     assert np.ptp(ratio) > 0.02  # channels scaled differently: the colour balance moves
+
+
+def test_gamma_augmentation_bends_contrast_and_keeps_statistics(kvasir_dir):
+    """A gamma-bent patch keeps its label, each channel's mean and standard deviation, and the order of its
+    values, but is not an affine map of the plain patch (which brightness and contrast alone would give); about 30%
+    of patches are bent."""
+    import torch
+    from semiseg.data.sampling import Augmentation
+
+    real = [load_case(c, "rgb", 2) for c in discover_cases(kvasir_dir)[:3]]
+    bent = 0
+    for seed in range(20):  # the first patch of each seed is cut at the same place with and without gamma
+        g = PatchSampler(real, (128, 128), 1, seed=seed, augment=Augmentation(flips=False, gamma=1.0)).next_batch()
+        p = PatchSampler(real, (128, 128), 1, seed=seed, augment=Augmentation(flips=False)).next_batch()
+        assert bool((g.label == p.label).all())
+        a, b = g.image[0].flatten(1).double(), p.image[0].flatten(1).double()
+        assert torch.allclose(a.mean(1), b.mean(1), atol=1e-3) and torch.allclose(a.std(1), b.std(1), rtol=1e-3)
+        if torch.equal(a, b):
+            continue
+        bent += 1
+        for x, y in zip(a, b):
+            fit = torch.linalg.lstsq(torch.stack([y, torch.ones_like(y)], 1), x[:, None]).solution[:, 0]
+            assert (x - (fit[0] * y + fit[1])).abs().max() > 0.02 * y.std()  # not affine
+            order = torch.argsort(y)
+            assert (x[order].diff() >= -1e-4).all()  # monotone in the plain values
+    assert 0 < bent < 20, bent  # some patches bent, not all (12 of these 20 seeds draw below 0.3)

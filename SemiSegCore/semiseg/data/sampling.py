@@ -78,24 +78,30 @@ class Augmentation:
     contrast transforms; for RGB it also shifts the colour balance. ``rotation``: rotate in the first square plane
     by an angle drawn uniformly from [-rotation, rotation] degrees (a larger patch is cut, rotated about its centre,
     linear for the image and nearest for the label, and its centre kept), as nnU-Net does; it fills in the angles
-    between the 90-degree turns; a patch with no two equal sides (no square plane) is not rotated. With few
-    labelled images these matter more than anything else the sampler does.
+    between the 90-degree turns; a patch with no two equal sides (no square plane) is not rotated. ``gamma``: for a
+    share ``GAMMA_PROBABILITY`` of patches, each channel is mapped to [0, 1] by its range in the patch, raised to a
+    power drawn log-uniformly from [1/(1+gamma), 1+gamma], mapped back, and given its mean and standard deviation
+    again (nnU-Net's gamma transform with retained statistics): it bends contrast, which brightness and contrast
+    factors cannot. With few labelled images these matter more than anything else the sampler does.
     """
     flips: bool = True
     scale: float = 0.0
     intensity: float = 0.0
     rotation: float = 0.0
+    gamma: float = 0.0
+
+    GAMMA_PROBABILITY = 0.3  # nnU-Net's
 
     @classmethod
     def of(cls, train_cfg) -> "Augmentation":
         if not train_cfg.augment:
             return cls(flips=False)
         return cls(True, float(train_cfg.scale_augment), float(train_cfg.intensity_augment),
-                   float(train_cfg.rotate_augment))
+                   float(train_cfg.rotate_augment), float(train_cfg.gamma_augment))
 
     @property
     def any(self) -> bool:
-        return self.flips or self.scale > 0 or self.intensity > 0 or self.rotation > 0
+        return self.flips or self.scale > 0 or self.intensity > 0 or self.rotation > 0 or self.gamma > 0
 
 
 @dataclass
@@ -189,6 +195,8 @@ class PatchSampler:
             img, lab = self._flip(img, lab)
         if self.augment.intensity > 0:
             img = self._jitter_intensity(img)
+        if self.augment.gamma > 0 and self.rng.random() < Augmentation.GAMMA_PROBABILITY:
+            img = self._bend_gamma(img)
         return np.ascontiguousarray(img), None if lab is None else np.ascontiguousarray(lab)
 
     def _jitter_intensity(self, img: np.ndarray) -> np.ndarray:
@@ -197,6 +205,20 @@ class PatchSampler:
         img = img * per_channel.astype(img.dtype)
         mean = img.mean()
         return ((img - mean) * np.float32(self.rng.uniform(1 - s, 1 + s)) + mean).astype(img.dtype, copy=False)
+
+    def _bend_gamma(self, img: np.ndarray) -> np.ndarray:
+        gamma = float(np.exp(self.rng.uniform(-1, 1) * np.log1p(self.augment.gamma)))
+        out = np.empty_like(img)
+        for c, channel in enumerate(img):
+            low, span = channel.min(), np.ptp(channel)
+            if span == 0:
+                out[c] = channel
+                continue
+            bent = ((channel - low) / span) ** gamma * span + low
+            std = bent.std()
+            scale = channel.std() / std if std > 0 else 1.0
+            out[c] = (bent - bent.mean()) * scale + channel.mean()
+        return out
 
     def _flip(self, img, lab):
         plane = _rotation_plane(self.patch)
