@@ -98,7 +98,7 @@ class TrainConfig:
     """Random in-plane rotation of training patches, angles from -x to x degrees (0: none). See
     data.sampling.Augmentation."""
     gamma_augment: float = 0.0
-    """Random gamma of 30% of training patches, powers from 1/(1+x) to 1+x (0: none). See
+    """Random gamma (nnU-Net's transform) on a share of training patches, powers from 1/(1+x) to 1+x (0: none). See
     data.sampling.Augmentation."""
     foreground_crop: float = 0.5
     """Probability that a labelled patch is centred on foreground (helps small structures)."""

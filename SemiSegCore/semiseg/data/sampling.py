@@ -171,7 +171,7 @@ class PatchSampler:
         target = _rotated_extent(self.patch, plane, angle) if angle else self.patch
         crop = target
         if self.augment.scale > 0:
-            zoom = float(np.exp(self.rng.uniform(-1, 1) * np.log1p(self.augment.scale)))
+            zoom = self._log_uniform_factor(self.augment.scale)
             crop = tuple(max(1, int(round(p / zoom))) for p in target)
         image = pad_to(image, crop, value=float(image.min()))
         if label is not None:
@@ -206,18 +206,20 @@ class PatchSampler:
         mean = img.mean()
         return ((img - mean) * np.float32(self.rng.uniform(1 - s, 1 + s)) + mean).astype(img.dtype, copy=False)
 
+    def _log_uniform_factor(self, spread: float) -> float:
+        """A factor drawn log-uniformly from [1/(1+spread), 1+spread] (a zoom or a gamma)."""
+        return float(np.exp(self.rng.uniform(-1, 1) * np.log1p(spread)))
+
     def _bend_gamma(self, img: np.ndarray) -> np.ndarray:
-        gamma = float(np.exp(self.rng.uniform(-1, 1) * np.log1p(self.augment.gamma)))
+        gamma = self._log_uniform_factor(self.augment.gamma)
         out = np.empty_like(img)
         for c, channel in enumerate(img):
             low, span = channel.min(), np.ptp(channel)
-            if span == 0:
+            if span == 0:  # a constant channel has no contrast to bend
                 out[c] = channel
                 continue
-            bent = ((channel - low) / span) ** gamma * span + low
-            std = bent.std()
-            scale = channel.std() / std if std > 0 else 1.0
-            out[c] = (bent - bent.mean()) * scale + channel.mean()
+            bent = ((channel - low) / span) ** gamma * span + low  # strictly monotone, so its std is not 0
+            out[c] = (bent - bent.mean()) * (channel.std() / bent.std()) + channel.mean()
         return out
 
     def _flip(self, img, lab):
