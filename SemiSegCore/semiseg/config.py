@@ -100,6 +100,9 @@ class TrainConfig:
     gamma_augment: float = 0.0
     """Random gamma (nnU-Net's transform) on a share of training patches, powers from 1/(1+x) to 1+x (0: none). See
     data.sampling.Augmentation."""
+    invert_augment: float = 0.0
+    """Share of training patches whose contrast is inverted about the patch mean (0: none). See
+    data.sampling.Augmentation."""
     foreground_crop: float = 0.5
     """Probability that a labelled patch is centred on foreground (helps small structures)."""
     val_max_cases: Optional[int] = None
@@ -243,6 +246,8 @@ def check_values(cfg: Config) -> None:
         raise ConfigError(f"config key 'train.rotate_augment' must be 0 to 180 degrees, got {t.rotate_augment}")
     if not 0 <= t.gamma_augment <= 2:
         raise ConfigError(f"config key 'train.gamma_augment' must be 0 to 2, got {t.gamma_augment}")
+    if not 0 <= t.invert_augment <= 1:
+        raise ConfigError(f"config key 'train.invert_augment' must be 0 to 1, got {t.invert_augment}")
     if t.weight_decay < 0 or not 0 <= t.foreground_crop <= 1 or not 0 <= i.overlap < 1:
         raise ConfigError(f"config keys 'train.weight_decay' (>= 0), 'train.foreground_crop' (0 to 1) and "
                           f"'infer.overlap' (0 to below 1): got {t.weight_decay}, {t.foreground_crop}, {i.overlap}")

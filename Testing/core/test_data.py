@@ -162,3 +162,24 @@ def test_gamma_augmentation_bends_contrast_and_keeps_statistics(kvasir_dir):
             order = torch.argsort(y)
             assert (x[order].diff() >= -1e-4).all()  # monotone in the plain values
     assert 0 < bent < 20, bent  # some patches bent, not all (12 of these 20 seeds draw below 0.3)
+
+
+def test_invert_augmentation_reverses_contrast_and_keeps_statistics(kvasir_dir):
+    """An inverted patch keeps its label and each channel's mean and standard deviation, and its values are the
+    plain patch's reflected about that mean (bright turns dark); about the asked-for share of patches is inverted."""
+    import torch
+    from semiseg.data.sampling import Augmentation
+
+    real = [load_case(c, "rgb", 2) for c in discover_cases(kvasir_dir)[:3]]
+    inverted = 0
+    for seed in range(20):  # the first patch of each seed is cut at the same place with and without inversion
+        v = PatchSampler(real, (128, 128), 1, seed=seed, augment=Augmentation(flips=False, invert=0.5)).next_batch()
+        p = PatchSampler(real, (128, 128), 1, seed=seed, augment=Augmentation(flips=False)).next_batch()
+        assert bool((v.label == p.label).all())
+        a, b = v.image[0].flatten(1).double(), p.image[0].flatten(1).double()
+        assert torch.allclose(a.mean(1), b.mean(1), atol=1e-4) and torch.allclose(a.std(1), b.std(1), rtol=1e-4)
+        if torch.equal(a, b):
+            continue
+        inverted += 1
+        assert torch.allclose(a, 2 * b.mean(1, keepdim=True) - b, atol=1e-4)
+    assert 3 < inverted < 17, inverted

@@ -82,13 +82,17 @@ class Augmentation:
     share ``GAMMA_PROBABILITY`` of patches, each channel is mapped to [0, 1] by its range in the patch, raised to a
     power drawn log-uniformly from [1/(1+gamma), 1+gamma], mapped back, and given its mean and standard deviation
     again (nnU-Net's gamma transform with retained statistics): it bends contrast, which brightness and contrast
-    factors cannot. With few labelled images these matter more than anything else the sampler does.
+    factors cannot. ``invert``: the share of patches whose channels are reflected about their patch mean
+    (x -> 2 mean - x), so bright structures turn dark with mean and standard deviation kept: it teaches shape over
+    polarity, for images whose structure is sometimes darker than its surroundings. With few labelled images these
+    matter more than anything else the sampler does.
     """
     flips: bool = True
     scale: float = 0.0
     intensity: float = 0.0
     rotation: float = 0.0
     gamma: float = 0.0
+    invert: float = 0.0
 
     GAMMA_PROBABILITY = 0.3  # nnU-Net's
 
@@ -97,11 +101,13 @@ class Augmentation:
         if not train_cfg.augment:
             return cls(flips=False)
         return cls(True, float(train_cfg.scale_augment), float(train_cfg.intensity_augment),
-                   float(train_cfg.rotate_augment), float(train_cfg.gamma_augment))
+                   float(train_cfg.rotate_augment), float(train_cfg.gamma_augment),
+                   float(train_cfg.invert_augment))
 
     @property
     def any(self) -> bool:
-        return self.flips or self.scale > 0 or self.intensity > 0 or self.rotation > 0 or self.gamma > 0
+        return (self.flips or self.scale > 0 or self.intensity > 0 or self.rotation > 0 or self.gamma > 0
+                or self.invert > 0)
 
 
 @dataclass
@@ -197,6 +203,8 @@ class PatchSampler:
             img = self._jitter_intensity(img)
         if self.augment.gamma > 0 and self.rng.random() < Augmentation.GAMMA_PROBABILITY:
             img = self._bend_gamma(img)
+        if self.augment.invert > 0 and self.rng.random() < self.augment.invert:
+            img = 2 * img.mean(axis=tuple(range(1, img.ndim)), keepdims=True) - img
         return np.ascontiguousarray(img), None if lab is None else np.ascontiguousarray(lab)
 
     def _jitter_intensity(self, img: np.ndarray) -> np.ndarray:
