@@ -95,11 +95,64 @@ def test_config_errors_name_the_key(edit, key):
         check_params(config_from_dict(raw))
 
 
-def test_needs_a_vnet():
+def test_backbone_must_give_decoder_features_and_a_bottleneck():
     raw = _raw()
     raw["model"]["name"] = "unet3d"
-    with pytest.raises(ConfigError, match="model.name"):
+    with pytest.raises(ConfigError, match="model.name.*vnet or strided_unet3d"):
         VerSemi(config_from_dict(raw), torch.device("cpu"))
+    raw["model"]["name"] = "strided_unet3d"
+    raw["versemi"]["full_res_skip"] = True
+    with pytest.raises(ConfigError, match="versemi.full_res_skip"):
+        VerSemi(config_from_dict(raw), torch.device("cpu"))
+
+
+def test_strided_unet_backbone_gives_full_resolution_features_and_its_bottom_block():
+    """The CPU network as VerSemi's backbone: the head reads the U-Net's last up-convolution (full resolution, as
+    wide as the first level) and the output of its bottom block from the same pass, and the head's loss reaches the
+    first (strided) convolution."""
+    raw = _raw()
+    raw["model"].update(name="strided_unet3d", features=4)
+    vs = VerSemi(config_from_dict(raw), torch.device("cpu"))
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 16, 32, 32)
+    decoded, bottom = vs.features(x)
+    assert vs._bottleneck is None  # nothing kept between passes
+    assert decoded.shape == (2, 4, 16, 32, 32) and bottom.shape == (2, 32, 2, 4, 4)
+    torch.testing.assert_close(decoded, vs.net(x))
+    level, inner = vs.net.model, x
+    for _ in range(3):  # MONAI's UNet nests each level as Sequential(down, SkipConnection(next level), up)
+        inner = level[0](inner)
+        level = level[1].submodule
+    torch.testing.assert_close(bottom, level(inner))
+    logits = vs.head(decoded, bottom, torch.tensor([0, 2]))
+    assert logits.shape == (2, 2, 16, 32, 32)
+    logits[:, 1].mean().backward()
+    assert vs.net.model[0].conv.weight.grad.abs().sum() > 0
+
+
+@needs_data
+def test_strided_unet_backbone_trains_both_stages_and_predicts_after_reload(tmp_path):
+    """A real LA + ACDC run on the CPU network through stage 2; `semiseg predict --run` (a reload from the
+    checkpoint, the hook registered again) gives what the trained method gives."""
+    from semiseg.io import read_image
+    from semiseg.runs import load_predictor
+    from semiseg.train.trainer import Trainer
+
+    raw = _raw()
+    raw["model"].update(name="strided_unet3d", features=4)
+    raw["train"].update(iterations=2, val_every=2, checkpoint_every=2)
+    raw["versemi"]["unlabelled_start"] = 1
+    trainer = Trainer(config_from_dict(raw), tmp_path / "run", quiet=True)
+    result = trainer.fit()
+    assert result["step"] == 2 and not result["stopped"]
+    logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert {"unl", "cube"} <= set([r for r in logged if r["event"] == "train"][-1])  # stage 2 ran
+    image = read_image(trainer.manifest.val[0].image)
+    trainer.method.eval()
+    in_run = trainer.method.predictor("la2018").predict(image)
+    reloaded = load_predictor(tmp_path / "run", which="last", device="cpu").predict(image)
+    assert in_run.shape == (2, *image.spatial_shape)
+    np.testing.assert_allclose(reloaded, in_run, atol=1e-5)
 
 
 @needs_data

@@ -34,6 +34,9 @@ Network as released (``vnet_odod_mix.py``): no full-resolution skip (the head re
 output; ``full_res_skip: true`` restores our V-Net's last skip and convolution stage), and batch norm before the
 pooled controller input and the head's 1x1 convolution (``head_norm``) whatever the backbone's norm: an instance
 norm there would standardise each sample's channels on their own and leave the controller little of the image.
+On a CPU the backbone may be the strided U-Net (``model.name: strided_unet3d``, the network of the CPU presets): its
+first convolution is strided and its last up-convolution (convolution only) returns to full resolution, so it
+already has the released layout; the head reads that up-convolution's output and the U-Net's bottom block.
 """
 from __future__ import annotations
 
@@ -54,7 +57,9 @@ from ..data.sampling import Augmentation, Batch, PatchSampler
 from ..evaluate import mean_dice, score_case
 from ..losses import pooled_dice_loss
 from ..mixing import cube_masks
+from ..models import bottleneck
 from ..models.task_head import TaskPromptedHead
+from ..models.vnet import VNet
 from .base import Method
 
 
@@ -98,6 +103,9 @@ class DatasetSpec:
     largest_component: Optional[bool] = None
 
 
+BACKBONES = ("vnet", "strided_unet3d")
+"""Networks whose decoder features and bottleneck the head can read."""
+
 _FIRST_DATASET_KEYS = {"tasks", "name", "batch_size", "unlabelled_batch_size", "largest_component", "root"}
 
 
@@ -113,8 +121,8 @@ class VerSemiParams:
     full_res_skip: bool = False
     """Keep the V-Net's full-resolution skip and last convolution stage (the released network has neither)."""
     norm: Optional[str] = None
-    """Normalisation of the V-Net and head; default ``model.norm`` (the paper uses instance norm: batches mix
-    datasets, so batch statistics would mix them too)."""
+    """Normalisation of the V-Net; default ``model.norm`` (the paper uses instance norm: batches mix datasets, so
+    batch statistics would mix them too; the strided U-Net always has instance norm)."""
     cube_ratio: float = 0.6667
     """Stage 1: side of the pasted cube as a fraction of each patch side (2/3 in the code)."""
     cube_ratio_range: list = field(default_factory=lambda: [0.3, 0.6])
@@ -258,9 +266,12 @@ class VerSemi(Method):
     def __init__(self, cfg, device):
         super().__init__(cfg, device)
         p = self.params
-        if cfg.model.name != "vnet":
-            raise ConfigError(f"config key 'model.name': versemi needs 'vnet' (encoder/decoder access), "
-                              f"got '{cfg.model.name}'")
+        if cfg.model.name not in BACKBONES:
+            raise ConfigError(f"config key 'model.name': versemi needs {' or '.join(BACKBONES)} (decoder features "
+                              f"and a bottleneck for its head), got '{cfg.model.name}'")
+        if cfg.model.name != "vnet" and p.full_res_skip:
+            raise ConfigError(f"config key 'versemi.full_res_skip': {cfg.model.name} has no full-resolution stage "
+                              f"(its first convolution is strided); set it false")
         if not p.datasets:
             raise ConfigError("config key 'versemi.datasets' must list at least one dataset (the first is the "
                               "data section) with its tasks")
@@ -287,12 +298,21 @@ class VerSemi(Method):
                                       f"unique across datasets")
                 self.tasks.append(Task(name, d.index, int(value), len(self.tasks)))
         self.synthetic = len(self.tasks)  # the id of the synthetic (union) task
-        norm = p.norm or cfg.model.norm
-        self.net = self.build_network(norm=norm)
-        self.net.head = torch.nn.Identity()  # replaced by the task-prompted head
-        if not p.full_res_skip:
-            self.net.dec1 = torch.nn.Identity()  # the released network has no convolution stage at full resolution
-        self.head = TaskPromptedHead(self.net.decoder_channels, self.net.bottleneck_channels, len(self.tasks) + 1,
+        self._bottleneck: torch.Tensor | None = None
+        if cfg.model.name == "vnet":
+            self.net = self.build_network(norm=p.norm or cfg.model.norm)
+            self.net.head = torch.nn.Identity()  # replaced by the task-prompted head
+            if not p.full_res_skip:
+                self.net.dec1 = torch.nn.Identity()  # the released network has no convolution stage at full resolution
+            decoder_channels, bottleneck_channels = self.net.decoder_channels, self.net.bottleneck_channels
+        else:
+            # the strided U-Net's last up-convolution (convolution only, to full resolution) gives the head's
+            # features, as wide as its first level; a forward hook keeps its bottom block's output
+            decoder_channels = cfg.model.features
+            self.net = self.build_network(num_classes=decoder_channels)
+            block, bottleneck_channels = bottleneck(self.net)
+            block.register_forward_hook(self._keep_bottleneck)
+        self.head = TaskPromptedHead(decoder_channels, bottleneck_channels, len(self.tasks) + 1,
                                      width=p.head_width, layers=p.head_layers, norm=p.head_norm,
                                      pool_norm=p.head_norm)
         self.infer_dataset = self.dataset_index(p.infer_dataset) if p.infer_dataset else 0
@@ -398,9 +418,16 @@ class VerSemi(Method):
         return out.float()
 
     # -- network ----------------------------------------------------------------------------------------------
+    def _keep_bottleneck(self, block: torch.nn.Module, inputs, output: torch.Tensor) -> None:
+        self._bottleneck = output
+
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoder output (B, base, *S) and bottleneck (B, 16 base, *S/16). Without ``full_res_skip`` (the
-        released network) the decoder output is the last up-convolution's, with no skip from full resolution."""
+        """Decoder output (B, C, *S) and bottleneck (B, Cb, *s). Without ``full_res_skip`` (the released network)
+        the decoder output is the last up-convolution's, with no skip from full resolution."""
+        if not isinstance(self.net, VNet):
+            decoded = self.net(x)
+            bottom, self._bottleneck = self._bottleneck, None
+            return decoded, bottom
         feats = self.net.encode(x)
         if self.params.full_res_skip:
             return self.net.decode_features(feats), feats[-1]
