@@ -108,8 +108,8 @@ def test_backbone_must_give_decoder_features_and_a_bottleneck():
 
 def test_strided_unet_backbone_gives_full_resolution_features_and_its_bottom_block():
     """The CPU network as VerSemi's backbone: the head reads the U-Net's last up-convolution (full resolution, as
-    wide as the first level) and the output of its bottom block from the same pass, and the head's loss reaches the
-    first (strided) convolution."""
+    wide as the head) and the output of its bottom block from the same pass, and the head's loss reaches the first
+    (strided) convolution."""
     raw = _raw()
     raw["model"].update(name="strided_unet3d", features=4)
     vs = VerSemi(config_from_dict(raw), torch.device("cpu"))
@@ -117,7 +117,7 @@ def test_strided_unet_backbone_gives_full_resolution_features_and_its_bottom_blo
     x = torch.randn(2, 1, 16, 32, 32)
     decoded, bottom = vs.features(x)
     assert vs._bottleneck is None  # nothing kept between passes
-    assert decoded.shape == (2, 4, 16, 32, 32) and bottom.shape == (2, 32, 2, 4, 4)
+    assert decoded.shape == (2, vs.params.head_width, 16, 32, 32) and bottom.shape == (2, 32, 2, 4, 4)
     torch.testing.assert_close(decoded, vs.net(x))
     level, inner = vs.net.model, x
     for _ in range(3):  # MONAI's UNet nests each level as Sequential(down, SkipConnection(next level), up)

@@ -307,8 +307,9 @@ class VerSemi(Method):
             decoder_channels, bottleneck_channels = self.net.decoder_channels, self.net.bottleneck_channels
         else:
             # the strided U-Net's last up-convolution (convolution only, to full resolution) gives the head's
-            # features, as wide as its first level; a forward hook keeps its bottom block's output
-            decoder_channels = cfg.model.features
+            # features, as many as the head is wide (the costliest layer on a CPU, so no wider); a forward hook keeps
+            # its bottom block's output
+            decoder_channels = p.head_width
             self.net = self.build_network(num_classes=decoder_channels)
             block, bottleneck_channels = bottleneck(self.net)
             block.register_forward_hook(self._keep_bottleneck)
