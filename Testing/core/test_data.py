@@ -138,6 +138,25 @@ def test_scale_and_intensity_augmentation_keep_image_and_label_aligned(kvasir_di
     assert np.ptp(ratio) > 0.02  # channels scaled differently: the colour balance moves
 
 
+def _changed_patches(cases, augment):
+    """The first patch of each of 20 seeds with and without ``augment`` (cut at the same place, as the draws before
+    the intensity changes are the same), as (augmented, plain) channel rows where the augmentation changed the
+    patch; every pair keeps its label and each channel's mean and standard deviation."""
+    import torch
+    from semiseg.data.sampling import Augmentation
+
+    changed = []
+    for seed in range(20):
+        v = PatchSampler(cases, (128, 128), 1, seed=seed, augment=augment).next_batch()
+        p = PatchSampler(cases, (128, 128), 1, seed=seed, augment=Augmentation(flips=False)).next_batch()
+        assert bool((v.label == p.label).all())
+        a, b = v.image[0].flatten(1).double(), p.image[0].flatten(1).double()
+        assert torch.allclose(a.mean(1), b.mean(1), atol=1e-3) and torch.allclose(a.std(1), b.std(1), rtol=1e-3)
+        if not torch.equal(a, b):
+            changed.append((a, b))
+    return changed
+
+
 def test_gamma_augmentation_bends_contrast_and_keeps_statistics(kvasir_dir):
     """A gamma-bent patch keeps its label, each channel's mean and standard deviation, and the order of its
     values, but is not an affine map of the plain patch (which brightness and contrast alone would give); about 30%
@@ -146,22 +165,14 @@ def test_gamma_augmentation_bends_contrast_and_keeps_statistics(kvasir_dir):
     from semiseg.data.sampling import Augmentation
 
     real = [load_case(c, "rgb", 2) for c in discover_cases(kvasir_dir)[:3]]
-    bent = 0
-    for seed in range(20):  # the first patch of each seed is cut at the same place with and without gamma
-        g = PatchSampler(real, (128, 128), 1, seed=seed, augment=Augmentation(flips=False, gamma=1.0)).next_batch()
-        p = PatchSampler(real, (128, 128), 1, seed=seed, augment=Augmentation(flips=False)).next_batch()
-        assert bool((g.label == p.label).all())
-        a, b = g.image[0].flatten(1).double(), p.image[0].flatten(1).double()
-        assert torch.allclose(a.mean(1), b.mean(1), atol=1e-3) and torch.allclose(a.std(1), b.std(1), rtol=1e-3)
-        if torch.equal(a, b):
-            continue
-        bent += 1
+    bent = _changed_patches(real, Augmentation(flips=False, gamma=1.0))
+    for a, b in bent:
         for x, y in zip(a, b):
             fit = torch.linalg.lstsq(torch.stack([y, torch.ones_like(y)], 1), x[:, None]).solution[:, 0]
             assert (x - (fit[0] * y + fit[1])).abs().max() > 0.02 * y.std()  # not affine
             order = torch.argsort(y)
             assert (x[order].diff() >= -1e-4).all()  # monotone in the plain values
-    assert 0 < bent < 20, bent  # some patches bent, not all (12 of these 20 seeds draw below 0.3)
+    assert 0 < len(bent) < 20, len(bent)  # some patches bent, not all (12 of these 20 seeds draw below 0.3)
 
 
 def test_invert_augmentation_reverses_contrast_and_keeps_statistics(kvasir_dir):
@@ -171,15 +182,7 @@ def test_invert_augmentation_reverses_contrast_and_keeps_statistics(kvasir_dir):
     from semiseg.data.sampling import Augmentation
 
     real = [load_case(c, "rgb", 2) for c in discover_cases(kvasir_dir)[:3]]
-    inverted = 0
-    for seed in range(20):  # the first patch of each seed is cut at the same place with and without inversion
-        v = PatchSampler(real, (128, 128), 1, seed=seed, augment=Augmentation(flips=False, invert=0.5)).next_batch()
-        p = PatchSampler(real, (128, 128), 1, seed=seed, augment=Augmentation(flips=False)).next_batch()
-        assert bool((v.label == p.label).all())
-        a, b = v.image[0].flatten(1).double(), p.image[0].flatten(1).double()
-        assert torch.allclose(a.mean(1), b.mean(1), atol=1e-4) and torch.allclose(a.std(1), b.std(1), rtol=1e-4)
-        if torch.equal(a, b):
-            continue
-        inverted += 1
+    inverted = _changed_patches(real, Augmentation(flips=False, invert=0.5))
+    for a, b in inverted:
         assert torch.allclose(a, 2 * b.mean(1, keepdim=True) - b, atol=1e-4)
-    assert 3 < inverted < 17, inverted
+    assert 3 < len(inverted) < 17, len(inverted)
