@@ -59,7 +59,6 @@ from ..losses import pooled_dice_loss
 from ..mixing import cube_masks
 from ..models import bottleneck
 from ..models.task_head import TaskPromptedHead
-from ..models.vnet import VNet
 from .base import Method
 
 
@@ -425,7 +424,7 @@ class VerSemi(Method):
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoder output (B, C, *S) and bottleneck (B, Cb, *s). Without ``full_res_skip`` (the released network)
         the decoder output is the last up-convolution's, with no skip from full resolution."""
-        if not isinstance(self.net, VNet):
+        if self.cfg.model.name != "vnet":
             decoded = self.net(x)
             bottom, self._bottleneck = self._bottleneck, None
             return decoded, bottom
