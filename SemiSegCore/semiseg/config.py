@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from .errors import SemiSegError
-from .registry import MODEL_NAMES, available_methods, size_multiple, spatial_dims_of
+from .registry import MODEL_NAMES, STRIDED_LEVELS, available_methods, size_multiple, spatial_dims_of
 
 
 class ConfigError(SemiSegError, ValueError):
@@ -65,6 +65,10 @@ class ModelConfig:
     dropout: float = 0.0
     norm: str = "batch"
     """V-Net normalisation: batch | instance | none."""
+    strides: Optional[list] = None
+    """Strided U-Nets only: the stride of each level along each axis (e.g. ``[[1,2,2],[1,2,2],[2,2,2]]``), for
+    anisotropic grids where halving the coarse axis early loses it (nnU-Net's rule: halve an axis only while its
+    spacing is at most twice the finest; ``semiseg plan`` suggests them). None: 2 along every axis at every level."""
 
 
 @dataclass
@@ -251,6 +255,7 @@ def check_values(cfg: Config) -> None:
     if t.weight_decay < 0 or not 0 <= t.foreground_crop <= 1 or not 0 <= i.overlap < 1:
         raise ConfigError(f"config keys 'train.weight_decay' (>= 0), 'train.foreground_crop' (0 to 1) and "
                           f"'infer.overlap' (0 to below 1): got {t.weight_decay}, {t.foreground_crop}, {i.overlap}")
+    check_strides(cfg.model)
     multiple = size_multiple(cfg.model.name)
     for key in ("train.patch_size", "infer.patch_size"):
         sizes = get(key)
@@ -260,6 +265,21 @@ def check_values(cfg: Config) -> None:
         if len(sizes) != len(t.patch_size) or not fits:
             raise ConfigError(f"config key '{key}' must be {len(t.patch_size)} sizes, each a multiple of {multiple} "
                               f"(what model '{cfg.model.name}' needs), got {sizes}")
+
+
+def check_strides(model: ModelConfig) -> None:
+    if model.strides is None:
+        return
+    levels, dims = STRIDED_LEVELS.get(model.name), spatial_dims_of(model.name)
+    if levels is None:
+        raise ConfigError(f"config key 'model.strides' applies to the strided U-Nets ({', '.join(STRIDED_LEVELS)}), "
+                          f"not to '{model.name}'")
+    ok = len(model.strides) == levels and all(
+        isinstance(level, (list, tuple)) and len(level) == dims and all(s in (1, 2) and not isinstance(s, bool)
+                                                                         for s in level) for level in model.strides)
+    if not ok:
+        raise ConfigError(f"config key 'model.strides' must be {levels} levels of {dims} strides (1 or 2) for "
+                          f"'{model.name}', got {model.strides!r}")
 
 
 def config_from_dict(raw: dict) -> Config:

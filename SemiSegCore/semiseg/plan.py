@@ -7,6 +7,8 @@ Rules (simple on purpose, and printed with their reasons):
   much coarser than the others (ACDC's 10 mm slices) is left alone;
 - patch: the median working shape rounded down to the network's size multiple, capped at ``max_patch``;
 - network: the config's, except that 3D V-Nets and BasicUNets become the strided U-Net on a CPU (about 4x cheaper);
+  a strided U-Net halves an axis at a level only while that axis's spacing is at most twice the finest (nnU-Net's
+  rule), so a much coarser axis keeps its voxels until the others catch up;
 - pictures on a CPU: coarser still (in steps of 16 pixels, down to 64) while the budget buys fewer than
   ``MIN_PICTURE_ITERATIONS`` iterations at the measured speed;
 - iterations: what fits ``budget`` minutes at the measured speed, less a share for validation.
@@ -25,6 +27,7 @@ from .data.cases import discover_cases
 from .data.resample import spacing_per_axis, working_shape
 from .io import read_image
 from .models import size_multiple, spatial_dims_of
+from .registry import STRIDED_LEVELS
 
 CPU_LIMITS = {3: (96, [64, 64, 48]), 2: (128, [128, 128])}
 GPU_LIMITS = {3: (160, [128, 128, 96]), 2: (256, [256, 256])}
@@ -44,6 +47,7 @@ class Plan:
     target_spacing: list | None
     working_shape: tuple
     model: str
+    strides: list | None
     patch_size: list
     seconds_per_iteration: float
     iterations: int
@@ -54,7 +58,8 @@ class Plan:
 
     def overrides(self) -> list[str]:
         spacing = "null" if self.target_spacing is None else "[" + ",".join(f"{v:g}" for v in self.target_spacing) + "]"
-        return [f"data.target_spacing={spacing}", f"model.name={self.model}",
+        strides = [] if self.strides is None else [f"model.strides={self.strides}".replace(" ", "")]
+        return [f"data.target_spacing={spacing}", f"model.name={self.model}", *strides,
                 f"train.patch_size=[{','.join(map(str, self.patch_size))}]", f"train.iterations={self.iterations}"]
 
     def text(self) -> str:
@@ -64,7 +69,8 @@ class Plan:
                 ("target spacing (mm)", "source grid" if self.target_spacing is None
                  else " x ".join(f"{v:.3g}" for v in self.target_spacing)),
                 ("working shape (median)", " x ".join(map(str, self.working_shape))),
-                ("network", self.model), ("patch", " x ".join(map(str, self.patch_size))),
+                ("network", self.model if self.strides is None else f"{self.model}, strides {self.strides}"),
+                ("patch", " x ".join(map(str, self.patch_size))),
                 ("seconds / iteration", f"{self.seconds_per_iteration:.3f} (measured: {self.device}, "
                                         f"{self.threads} thread(s))"),
                 ("iterations", f"{self.iterations} in {self.budget_minutes:g} min "
@@ -107,6 +113,20 @@ def plan_model(cfg: Config, cpu: bool) -> tuple[str, list[str]]:
         return "strided_unet3d", [f"'{name}' convolves at full resolution; on a CPU the strided U-Net (first "
                                   f"convolution strided) costs about a quarter per iteration"]
     return name, [f"the config's network '{name}'"]
+
+
+def plan_strides(spacing, model: str) -> list | None:
+    """Per-level strides for a strided U-Net on a grid of this spacing (one value per network axis): an axis is halved
+    while its spacing is at most twice the finest. None where that is 2 everywhere (the network's default)."""
+    if model not in STRIDED_LEVELS:
+        return None
+    current = np.asarray(spacing, dtype=float)
+    levels = []
+    for _ in range(STRIDED_LEVELS[model]):
+        level = [2 if s <= 2 * current.min() else 1 for s in current]
+        current = current * level
+        levels.append(level)
+    return None if all(s == 2 for level in levels for s in level) else levels
 
 
 def plan_patch(work: tuple, model: str, max_patch: list) -> list[int]:
@@ -164,9 +184,15 @@ def make_plan(cfg: Config, budget_minutes: float = 20.0, device: str | None = No
     if len(work) > dims:  # a 2D network on volumes: the slice plane
         plane = tuple(s for a, s in enumerate(work) if a != cfg.train.slice_axis % len(work))
     patch = plan_patch(plane, model, max_patch)
+    grid = spacing if target is None else target
+    if len(grid) > dims:
+        grid = [v for a, v in enumerate(grid) if a != cfg.train.slice_axis % len(grid)]
+    strides = plan_strides(grid, model)
+    if strides is not None:
+        reasons.append(f"strides {strides}: an axis is halved only while its spacing is at most twice the finest")
     reasons.append(f"patch: the median working shape rounded down to multiples of {size_multiple(model)}, at most "
                    f"{'x'.join(map(str, max_patch))}")
-    sec = seconds_per_iteration(_trial(cfg, model, patch), dev)
+    sec = seconds_per_iteration(_trial(cfg, model, patch, strides), dev)
     iterations = fitting_iterations(budget_minutes, sec)
     if cpu and len(shape) == 2 and cfg.data.target_spacing is None and iterations < MIN_PICTURE_ITERATIONS:
         planned_side, planned_iterations = max(patch), iterations
@@ -176,17 +202,17 @@ def make_plan(cfg: Config, budget_minutes: float = 20.0, device: str | None = No
             target = [float(max(shape * spacing)) / side] * 2
             work = working_shape(tuple(shape), tuple(spacing), target)
             patch = plan_patch(work, model, max_patch)
-            sec = seconds_per_iteration(_trial(cfg, model, patch), dev)
+            sec = seconds_per_iteration(_trial(cfg, model, patch, strides), dev)
             iterations = fitting_iterations(budget_minutes, sec)
         reasons.append(f"at {planned_side} px the budget buys {planned_iterations} iterations, fewer than "
                        f"{MIN_PICTURE_ITERATIONS}: {side} px buys {iterations}")
-    return Plan(n, tuple(spacing), tuple(int(s) for s in shape), target, work, model, patch, sec, max(iterations, 100),
-                budget_minutes, str(dev), threads, reasons)
+    return Plan(n, tuple(spacing), tuple(int(s) for s in shape), target, work, model, strides, patch, sec,
+                max(iterations, 100), budget_minutes, str(dev), threads, reasons)
 
 
-def _trial(cfg: Config, model: str, patch: list) -> Config:
+def _trial(cfg: Config, model: str, patch: list, strides: list | None) -> Config:
     trial = copy.deepcopy(cfg)
-    trial.model.name, trial.train.patch_size = model, patch
+    trial.model.name, trial.model.strides, trial.train.patch_size = model, strides, patch
     return trial
 
 

@@ -46,3 +46,15 @@ def test_overrides(repo_dir):
     cfg = load_config(repo_dir / "Resources/configs/la2018_supervised.yaml",
                       ["train.iterations=7", "train.patch_size=[32,32,32]", "data.labelled=0.5"])
     assert cfg.train.iterations == 7 and cfg.train.patch_size == [32, 32, 32] and cfg.data.labelled == 0.5
+
+
+@pytest.mark.parametrize("strides,model,message", [
+    ("[[1,2,2],[2,2,2]]", "strided_unet3d", "must be 3 levels of 3 strides"),
+    ("[[1,2,3],[1,2,2],[2,2,2]]", "strided_unet3d", "must be 3 levels of 3 strides"),
+    ("[[1,2,2],[1,2,2],[2,2,2]]", "unet3d", "applies to the strided U-Nets"),
+])
+def test_strides_are_checked_against_the_network(repo_dir, strides, model, message):
+    with pytest.raises(ConfigError, match=f"'model.strides' {message}"):
+        load_config(repo_dir / "Resources/configs/la2018_cpu.yaml", [f"model.name={model}", f"model.strides={strides}"])
+    cfg = load_config(repo_dir / "Resources/configs/la2018_cpu.yaml", ["model.strides=[[1,2,2],[1,2,2],[2,2,2]]"])
+    assert cfg.model.strides == [[1, 2, 2], [1, 2, 2], [2, 2, 2]]

@@ -37,3 +37,17 @@ def test_group_norms_compute_what_monai_instance_norms_do(name, shape):
     out = original(x)
     expected = out[0] if isinstance(out, list) else out
     torch.testing.assert_close(net(x), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_strides_per_level_and_axis_keep_the_coarse_axis():
+    """``model.strides`` [[1,2,2],[1,2,2],[2,2,2]]: the slice axis is halved only at the third level, in the encoder
+    and in the decoder's up-convolutions, and the output keeps the input's shape."""
+    net = build_model("strided_unet3d", 1, 2, features=4, strides=[[1, 2, 2], [1, 2, 2], [2, 2, 2]])
+    down = [m.stride for m in net.modules() if isinstance(m, nn.Conv3d) and m.stride != (1, 1, 1)]
+    up = sorted(m.stride for m in net.modules() if isinstance(m, nn.ConvTranspose3d) and m.stride != (1, 1, 1))
+    assert down == [(1, 2, 2), (1, 2, 2), (2, 2, 2)] and up == sorted(down)
+    assert net(torch.randn(1, 1, 8, 32, 32)).shape == (1, 2, 8, 32, 32)
+    default = build_model("strided_unet3d", 1, 2, features=4)
+    assert [m.stride for m in default.modules() if isinstance(m, nn.Conv3d) and m.stride != (1, 1, 1)] == [(2, 2, 2)] * 3
+    with pytest.raises(ValueError, match="strided U-Nets"):
+        build_model("unet3d", 1, 2, features=4, strides=[[1, 2, 2]] * 3)

@@ -3,7 +3,7 @@ import numpy as np
 
 from semiseg.config import load_config
 from semiseg.models import size_multiple
-from semiseg.plan import make_plan, plan_patch, plan_spacing
+from semiseg.plan import make_plan, plan_patch, plan_spacing, plan_strides
 
 
 def test_spacing_rule_coarsens_fine_axes_only():
@@ -39,3 +39,16 @@ def test_pictures_on_a_cpu_give_way_to_iterations(repo_dir, kvasir_dir):
     assert "at 128 px the budget buys" in tight.text() and "64 px buys" in tight.text()
     cfg.data.target_spacing = 2.0
     assert make_plan(cfg, budget_minutes=0.1, device="cpu").patch_size == [128, 128]
+
+
+def test_strides_keep_a_coarse_axis_until_the_others_catch_up(repo_dir, acdc_dir):
+    assert plan_strides([10.0, 2.0, 2.0], "strided_unet3d") == [[1, 2, 2], [1, 2, 2], [2, 2, 2]]
+    assert plan_strides([1.25, 1.25, 1.25], "strided_unet3d") is None  # 2 everywhere: the default
+    assert plan_strides([10.0, 2.0, 2.0], "unet3d") is None
+    cfg = load_config(repo_dir / "Resources" / "configs" / "acdc_supervised.yaml",
+                      [f"data.root={acdc_dir}", "data.target_spacing=[10,2,2]", "model.features=4",
+                       "train.batch_size=1", "train.threads=1"])
+    plan = make_plan(cfg, budget_minutes=1.0, device="cpu")
+    assert plan.model == "strided_unet3d" and plan.strides == [[1, 2, 2], [1, 2, 2], [2, 2, 2]]
+    assert "--set model.strides=[[1,2,2],[1,2,2],[2,2,2]]" in plan.text()
+    load_config(repo_dir / "Resources" / "configs" / "acdc_supervised.yaml", plan.overrides())  # a valid config

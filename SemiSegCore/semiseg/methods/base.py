@@ -45,7 +45,7 @@ class Method(nn.Module):
     def build_network(self, **overrides) -> nn.Module:
         m = self.cfg.model
         kwargs = dict(name=m.name, in_channels=m.in_channels, num_classes=self.cfg.data.num_classes,
-                      features=m.features, dropout=m.dropout, norm=m.norm)
+                      features=m.features, dropout=m.dropout, norm=m.norm, strides=m.strides)
         kwargs.update(overrides)
         return build_model(**kwargs)
 

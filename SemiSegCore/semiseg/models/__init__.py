@@ -23,9 +23,12 @@ def _widths(base: int) -> tuple[int, ...]:
 
 
 def build_model(name: str, in_channels: int, num_classes: int, features: int = 16, dropout: float = 0.0,
-                norm: str = "batch") -> nn.Module:
+                norm: str = "batch", strides: list | None = None) -> nn.Module:
+    """``strides``: per level and axis, for the strided U-Nets only (None: 2 everywhere; ``ModelConfig.strides``)."""
     from monai.networks.nets import UNet, BasicUNet, BasicUNetPlusPlus
 
+    if strides is not None and name not in STRIDED_LEVELS:
+        raise ValueError(f"strides apply to the strided U-Nets, not to '{name}'")
     if name == "vnet":
         net = VNet(in_channels, num_classes, base=features, dropout=dropout, norm=norm)
     elif name in ("unet3d", "unet2d"):
@@ -36,8 +39,9 @@ def build_model(name: str, in_channels: int, num_classes: int, features: int = 1
                                               features=_widths(features), dropout=dropout))
     elif name in STRIDED_LEVELS:
         levels = STRIDED_LEVELS[name]
+        level_strides = (2,) * levels if strides is None else tuple(map(tuple, strides))
         net = UNet(spatial_dims=spatial_dims_of(name), in_channels=in_channels, out_channels=num_classes,
-                   channels=tuple(features * 2 ** i for i in range(levels + 1)), strides=(2,) * levels,
+                   channels=tuple(features * 2 ** i for i in range(levels + 1)), strides=level_strides,
                    dropout=dropout)
     else:
         raise ValueError(f"unknown model '{name}' ({', '.join(MODEL_NAMES)})")
