@@ -255,7 +255,7 @@ def check_values(cfg: Config) -> None:
     if t.weight_decay < 0 or not 0 <= t.foreground_crop <= 1 or not 0 <= i.overlap < 1:
         raise ConfigError(f"config keys 'train.weight_decay' (>= 0), 'train.foreground_crop' (0 to 1) and "
                           f"'infer.overlap' (0 to below 1): got {t.weight_decay}, {t.foreground_crop}, {i.overlap}")
-    check_strides(cfg.model)
+    check_strides(cfg.model.strides, cfg.model.name)
     multiple = size_multiple(cfg.model.name)
     for key in ("train.patch_size", "infer.patch_size"):
         sizes = get(key)
@@ -267,19 +267,20 @@ def check_values(cfg: Config) -> None:
                               f"(what model '{cfg.model.name}' needs), got {sizes}")
 
 
-def check_strides(model: ModelConfig) -> None:
-    if model.strides is None:
+def check_strides(strides, model: str, key: str = "model.strides") -> None:
+    """Per-level strides (``model.strides``) that network ``model`` can take; errors name ``key``."""
+    if strides is None:
         return
-    levels, dims = STRIDED_LEVELS.get(model.name), spatial_dims_of(model.name)
+    levels, dims = STRIDED_LEVELS.get(model), spatial_dims_of(model)
     if levels is None:
-        raise ConfigError(f"config key 'model.strides' applies to the strided U-Nets ({', '.join(STRIDED_LEVELS)}), "
-                          f"not to '{model.name}'")
-    ok = len(model.strides) == levels and all(
+        raise ConfigError(f"config key '{key}' applies to the strided U-Nets ({', '.join(STRIDED_LEVELS)}), "
+                          f"not to '{model}'")
+    ok = isinstance(strides, list) and len(strides) == levels and all(
         isinstance(level, (list, tuple)) and len(level) == dims and all(s in (1, 2) and not isinstance(s, bool)
-                                                                         for s in level) for level in model.strides)
+                                                                         for s in level) for level in strides)
     if not ok:
-        raise ConfigError(f"config key 'model.strides' must be {levels} levels of {dims} strides (1 or 2) for "
-                          f"'{model.name}', got {model.strides!r}")
+        raise ConfigError(f"config key '{key}' must be {levels} levels of {dims} strides (1 or 2) for '{model}', "
+                          f"got {strides!r}")
 
 
 def config_from_dict(raw: dict) -> Config:

@@ -51,3 +51,21 @@ def test_strides_per_level_and_axis_keep_the_coarse_axis():
     assert [m.stride for m in default.modules() if isinstance(m, nn.Conv3d) and m.stride != (1, 1, 1)] == [(2, 2, 2)] * 3
     with pytest.raises(ValueError, match="strided U-Nets"):
         build_model("unet3d", 1, 2, features=4, strides=[[1, 2, 2]] * 3)
+
+
+def test_set_strides_gives_the_network_built_with_them():
+    """One set of weights, two stride plans: set_strides makes a default strided U-Net compute what the network built
+    with those strides computes, and back."""
+    from semiseg.models import set_strides
+
+    torch.manual_seed(0)
+    plan = [[1, 2, 2], [1, 2, 2], [2, 2, 2]]
+    net, built = build_model("strided_unet3d", 1, 2, features=4), build_model("strided_unet3d", 1, 2, features=4,
+                                                                               strides=plan)
+    built.load_state_dict(net.state_dict())
+    x = torch.randn(1, 1, 8, 32, 32)
+    plain = net(x)
+    set_strides(net, plan)
+    torch.testing.assert_close(net(x), built(x))
+    set_strides(net, None)
+    torch.testing.assert_close(net(x), plain)

@@ -87,6 +87,7 @@ def _raw(tmp_path: Path | None = None) -> dict:
     (lambda r: r["versemi"]["datasets"][1].update(spacing=1), "versemi.datasets[1].spacing"),
     (lambda r: r["versemi"].update(cube_ratio_range=[0.6, 0.3]), "versemi.cube_ratio_range"),
     (lambda r: r["versemi"].update(mix_weight=-0.5), "versemi.mix_weight"),
+    (lambda r: r["versemi"]["datasets"][0].update(strides=[[1, 2, 2]] * 3), "versemi.datasets[0].strides"),
 ])
 def test_config_errors_name_the_key(edit, key):
     raw = _raw()
@@ -104,6 +105,10 @@ def test_backbone_must_give_decoder_features_and_a_bottleneck():
     raw["versemi"]["full_res_skip"] = True
     with pytest.raises(ConfigError, match="versemi.full_res_skip"):
         VerSemi(config_from_dict(raw), torch.device("cpu"))
+    raw["versemi"]["full_res_skip"] = False
+    raw["versemi"]["datasets"][1]["strides"] = [[1, 2, 2], [2, 2, 2]]
+    with pytest.raises(ConfigError, match=r"versemi.datasets\[1\].strides' must be 3 levels"):
+        VerSemi(config_from_dict(raw), torch.device("cpu"))
 
 
 def test_strided_unet_backbone_gives_full_resolution_features_and_its_bottom_block():
@@ -115,7 +120,7 @@ def test_strided_unet_backbone_gives_full_resolution_features_and_its_bottom_blo
     vs = VerSemi(config_from_dict(raw), torch.device("cpu"))
     torch.manual_seed(0)
     x = torch.randn(2, 1, 16, 32, 32)
-    decoded, bottom = vs.features(x)
+    decoded, bottom = vs.features(x, 0)
     assert vs._bottleneck is None  # nothing kept between passes
     assert decoded.shape == (2, vs.params.head_width, 16, 32, 32) and bottom.shape == (2, 32, 2, 4, 4)
     torch.testing.assert_close(decoded, vs.net(x))
@@ -128,6 +133,13 @@ def test_strided_unet_backbone_gives_full_resolution_features_and_its_bottom_blo
     assert logits.shape == (2, 2, 16, 32, 32)
     logits[:, 1].mean().backward()
     assert vs.net.model[0].conv.weight.grad.abs().sum() > 0
+    raw["versemi"]["datasets"][1]["strides"] = [[1, 2, 2], [1, 2, 2], [2, 2, 2]]  # ACDC keeps its slices longer
+    vs = VerSemi(config_from_dict(raw), torch.device("cpu"))
+    with torch.no_grad():
+        (la, la_bottom), (acdc, acdc_bottom), (again, _) = vs.features(x, 0), vs.features(x, 1), vs.features(x, 0)
+    assert la_bottom.shape == (2, 32, 2, 4, 4) and acdc_bottom.shape == (2, 32, 8, 4, 4)
+    assert acdc.shape == la.shape and not torch.allclose(acdc, la)
+    torch.testing.assert_close(again, la)  # LA's patches get their own strides back
 
 
 @needs_data
@@ -135,13 +147,14 @@ def test_strided_unet_backbone_trains_both_stages_and_predicts_after_reload(tmp_
     """A real LA + ACDC run on the CPU network through stage 2; `semiseg predict --run` (a reload from the
     checkpoint, the hook registered again) gives what the trained method gives."""
     from semiseg.io import read_image
-    from semiseg.runs import load_predictor
+    from semiseg.runs import load_method, load_predictor
     from semiseg.train.trainer import Trainer
 
     raw = _raw()
     raw["model"].update(name="strided_unet3d", features=4)
     raw["train"].update(iterations=2, val_every=2, checkpoint_every=2)
     raw["versemi"]["unlabelled_start"] = 1
+    raw["versemi"]["datasets"][1]["strides"] = [[1, 2, 2], [1, 2, 2], [2, 2, 2]]
     trainer = Trainer(config_from_dict(raw), tmp_path / "run", quiet=True)
     result = trainer.fit()
     assert result["step"] == 2 and not result["stopped"]
@@ -153,6 +166,10 @@ def test_strided_unet_backbone_trains_both_stages_and_predicts_after_reload(tmp_
     reloaded = load_predictor(tmp_path / "run", which="last", device="cpu").predict(image)
     assert in_run.shape == (2, *image.spatial_shape)
     np.testing.assert_allclose(reloaded, in_run, atol=1e-5)
+    acdc = trainer.method.data[1]  # its own strides, after LA's prediction and after a reload
+    heart = read_image(acdc.manifest.val[0].image)
+    reloaded = load_method(tmp_path / "run", which="last", device="cpu")[0].predictor("acdc").predict(heart)
+    np.testing.assert_allclose(reloaded, trainer.method.predictor("acdc").predict(heart), atol=1e-5)
 
 
 @needs_data
@@ -285,7 +302,7 @@ def test_stage2_draws_unlabelled_batches_with_a_patch_per_dataset(tmp_path):
     with torch.no_grad():  # L_sup: one mean over the 4 tasks, or with balance_datasets LA's 1 and ACDC's 3 weigh alike
         images, labels, owner = vs._draw("sampler")
         requests = [(i, t.id) for i in range(len(images)) for t in vs.tasks_of(owner[i])]
-        logits = vs._prompts(images, requests)
+        logits = vs._prompts(images, requests, owner)
 
         def task_loss(task):
             sel = [k for k, (_, t) in enumerate(requests) if t == task.id]

@@ -51,13 +51,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError, build_dataclass, check_spacing
+from ..config import ConfigError, build_dataclass, check_spacing, check_strides
 from ..data.cases import LoadedCase, Manifest, discover_cases, load_case, make_manifest
 from ..data.sampling import Augmentation, Batch, PatchSampler
 from ..evaluate import mean_dice, score_case
 from ..losses import pooled_dice_loss
 from ..mixing import cube_masks
-from ..models import bottleneck
+from ..models import bottleneck, set_strides
 from ..models.task_head import TaskPromptedHead
 from .base import Method
 
@@ -100,12 +100,17 @@ class DatasetSpec:
     """Unlabelled patches of this dataset per step in stage 2 (default: train.unlabelled_batch_size)."""
     val_max_cases: Optional[int] = None
     largest_component: Optional[bool] = None
+    strides: Optional[list] = None
+    """The strided U-Net's per-level strides on this dataset's patches (default: model.strides; the first dataset
+    always uses model.strides), e.g. [[1,2,2],[1,2,2],[2,2,2]] for ACDC's 10 mm slices on a 2 mm grid while LA's
+    isotropic patches keep 2 everywhere. The weights are shared; only the strides differ (``models.set_strides``)."""
 
 
 BACKBONES = ("vnet", "strided_unet3d")
 """Networks whose decoder features and bottleneck the head can read."""
 
 _FIRST_DATASET_KEYS = {"tasks", "name", "batch_size", "unlabelled_batch_size", "largest_component", "root"}
+_FIRST_DATASET_HOMES = {"patch_size": "train", "infer_patch_size": "infer (as patch_size)", "strides": "model"}
 
 
 @dataclass
@@ -165,7 +170,7 @@ class VerSemiParams:
             if i == 0:
                 bad = sorted(k for k in raw if k not in _FIRST_DATASET_KEYS)
                 if bad:
-                    home = {"patch_size": "train", "infer_patch_size": "infer (as patch_size)"}.get(bad[0], "data")
+                    home = _FIRST_DATASET_HOMES.get(bad[0], "data")
                     raise ConfigError(f"config key '{where}.{bad[0]}': the first dataset is the trainer's data "
                                       f"section; set '{bad[0]}' under {home}: instead")
             elif not spec.root:
@@ -226,6 +231,7 @@ class _Data:
         self.unlabelled_batch_size = pick(spec.unlabelled_batch_size, t.unlabelled_batch_size)
         self.val_max_cases = pick(spec.val_max_cases, t.val_max_cases)
         self.largest_component = pick(spec.largest_component, cfg.infer.largest_component)
+        self.strides = pick(spec.strides, cfg.model.strides)
         self.manifest: Manifest | None = None
         self.train_cases: list[LoadedCase] = []
         self.val_cases: list[LoadedCase] = []
@@ -275,6 +281,9 @@ class VerSemi(Method):
             raise ConfigError("config key 'versemi.datasets' must list at least one dataset (the first is the "
                               "data section) with its tasks")
         self.data = [_Data(i, s, cfg) for i, s in enumerate(p.datasets)]
+        for d in self.data[1:]:
+            check_strides(d.spec.strides, cfg.model.name, f"versemi.datasets[{d.index}].strides")
+        self._switch_strides = len({repr(d.strides) for d in self.data}) > 1
         names = [d.name for d in self.data]
         if len(set(names)) != len(names):
             raise ConfigError(f"config key 'versemi.datasets': dataset names must differ (got {names}); set 'name'")
@@ -421,10 +430,13 @@ class VerSemi(Method):
     def _keep_bottleneck(self, block: torch.nn.Module, inputs, output: torch.Tensor) -> None:
         self._bottleneck = output
 
-    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoder output (B, C, *S) and bottleneck (B, Cb, *s). Without ``full_res_skip`` (the released network)
-        the decoder output is the last up-convolution's, with no skip from full resolution."""
+    def features(self, x: torch.Tensor, dataset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder output (B, C, *S) and bottleneck (B, Cb, *s) for patches of ``dataset``. Without
+        ``full_res_skip`` (the released network) the decoder output is the last up-convolution's, with no skip from
+        full resolution."""
         if self.cfg.model.name != "vnet":
+            if self._switch_strides:
+                set_strides(self.net, self.data[dataset].strides)
             decoded = self.net(x)
             bottom, self._bottleneck = self._bottleneck, None
             return decoded, bottom
@@ -438,22 +450,25 @@ class VerSemi(Method):
         y = n.dec2(n.up2(y) + x2)
         return n.dropout(n.up1(y)), x5
 
-    def head_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The head's task-independent inputs for images x: (B, width, *S) and the pooled bottleneck (B, Cb)."""
-        return self.head.prepare(*self.features(x))
+    def head_inputs(self, x: torch.Tensor, dataset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's task-independent inputs for images x of ``dataset``: (B, width, *S) and the pooled bottleneck
+        (B, Cb)."""
+        return self.head.prepare(*self.features(x, dataset))
 
-    def _prompts(self, images: list[torch.Tensor], requests: list[tuple[int, int]]) -> list[torch.Tensor]:
-        """2-class logits (2, *P) for each request (image index, task id); one backbone pass per patch shape."""
+    def _prompts(self, images: list[torch.Tensor], requests: list[tuple[int, int]],
+                 owner: list[int]) -> list[torch.Tensor]:
+        """2-class logits (2, *P) for each request (image index, task id); ``owner``: each image's dataset (a
+        composite's is its base patch's). One backbone pass per patch shape and dataset."""
         groups: dict[tuple, list[int]] = {}
         for i, im in enumerate(images):
-            groups.setdefault(tuple(im.shape), []).append(i)
+            groups.setdefault((tuple(im.shape), owner[i]), []).append(i)
         out: list[torch.Tensor | None] = [None] * len(requests)
-        for members in groups.values():
+        for (_, dataset), members in groups.items():
             pos = {i: k for k, i in enumerate(members)}
             todo = [(r, pos[i], t) for r, (i, t) in enumerate(requests) if i in pos]
             if not todo:
                 continue
-            hx, pooled = self.head_inputs(torch.stack([images[i] for i in members]))
+            hx, pooled = self.head_inputs(torch.stack([images[i] for i in members]), dataset)
             index = torch.tensor([k for _, k, _ in todo], device=hx.device)
             task = torch.tensor([t for _, _, t in todo], device=hx.device)
             for (r, _, _), logits in zip(todo, self.head.run(hx[index], pooled[index], task)):
@@ -481,7 +496,7 @@ class VerSemi(Method):
             for t in self.tasks_of(owner[i]):
                 requests.append((i, t.id))
                 targets.append(y == t.value)
-        logits = self._prompts(images, requests)
+        logits = self._prompts(images, requests, owner)
         tasks = [t for _, t in requests]
         if not self.params.balance_datasets:
             return self._pooled_loss(logits, targets, tasks, ce=True)
@@ -536,7 +551,7 @@ class VerSemi(Method):
                     target = target + (yb == t.value).float() * (1 - m)
                 requests.append((j, t.id))
                 targets.append(target)
-        logits = self._prompts(mixes, requests)
+        logits = self._prompts(mixes, requests, [owner[ia] for ia in a])
         syn = [torch.softmax(lg, 0)[1].flatten() for lg, (_, t) in zip(logits, requests) if t == self.synthetic]
         l_chaos = pooled_dice_loss(torch.cat(syn), torch.cat([u.flatten() for u in unions]))
         if not specific:
@@ -582,7 +597,7 @@ class VerSemi(Method):
             cube_labels.append(self._union(resample_to(labels[lab], shape, nearest=True), owner[lab]))
             masks.append(m)
             requests += [(j, t.id) for t in self.tasks] + [(j, self.synthetic)]
-        probs = [torch.softmax(lg, 0)[1] for lg in self._prompts(mixes, requests)]
+        probs = [torch.softmax(lg, 0)[1] for lg in self._prompts(mixes, requests, unl_owner[:n])]
         syn = [probs[j * per + per - 1] for j in range(n)]
         aggregate = [torch.stack(probs[j * per: j * per + per - 1]).amax(0).clamp(0, 1) for j in range(n)]
         if p.detach_aggregate:
@@ -597,7 +612,7 @@ class VerSemi(Method):
     # -- inference --------------------------------------------------------------------------------------------
     def task_probs(self, x: torch.Tensor, dataset: int) -> torch.Tensor:
         """Foreground probability of each task of ``dataset`` (B, T_d, *S), one backbone pass for all."""
-        hx, pooled = self.head_inputs(x)
+        hx, pooled = self.head_inputs(x, dataset)
         tasks = self.tasks_of(dataset)
         n = x.shape[0]
         index = torch.arange(n, device=x.device).repeat(len(tasks))
@@ -675,7 +690,7 @@ class VerSemi(Method):
         return [r for lc in cases for r in score_case(pred, lc, sorted(names), names, dice_only=dice_only)]
 
     def _single_task_logits(self, x: torch.Tensor, task: int) -> torch.Tensor:
-        hx, pooled = self.head_inputs(x)
+        hx, pooled = self.head_inputs(x, self.tasks[task].dataset)
         return self.head.run(hx, pooled, torch.full((x.shape[0],), task, device=x.device, dtype=torch.long))
 
 

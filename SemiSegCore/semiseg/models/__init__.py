@@ -14,7 +14,7 @@ import torch.nn as nn
 from ..registry import MODEL_NAMES, STRIDED_LEVELS, size_multiple, spatial_dims_of
 from .vnet import VNet
 
-__all__ = ["MODEL_NAMES", "build_model", "instance_norms_as_group_norms", "replace_modules", "size_multiple",
+__all__ = ["MODEL_NAMES", "build_model", "set_strides", "unet_levels", "instance_norms_as_group_norms", "replace_modules", "size_multiple",
            "spatial_dims_of"]
 
 
@@ -88,17 +88,36 @@ class _UNetPlusPlus(nn.Module):
 
 def bottleneck(net: nn.Module) -> tuple[nn.Module, int]:
     """The block at a network's lowest resolution and its output channels, for methods that work there (text
-    fusion): the V-Net's last encoder stage, or the innermost (bottom) block of a strided U-Net (MONAI's UNet nests
-    each level as Sequential(down, SkipConnection(next level), up))."""
-    from monai.networks.layers.simplelayers import SkipConnection
+    fusion): the V-Net's last encoder stage, or the innermost (bottom) block of a strided U-Net."""
     from monai.networks.nets import UNet
 
     if isinstance(net, VNet):
         return net.enc5, net.bottleneck_channels
     if isinstance(net, UNet):
-        block = net.model
-        while isinstance(block, nn.Sequential) and len(block) == 3 and isinstance(block[1], SkipConnection):
-            block = block[1].submodule
-        return block, net.channels[-1]
+        return unet_levels(net)[2], net.channels[-1]
     raise ValueError(f"no known bottleneck in {type(net).__name__} (vnet or a strided U-Net)")
 
+
+
+def unet_levels(net: nn.Module) -> tuple[list[nn.Module], list[nn.Module], nn.Module]:
+    """A MONAI UNet's down-convolutions and up-convolutions by level (first level first) and its bottom block: the
+    UNet nests each level as Sequential(down, SkipConnection(next level), up)."""
+    from monai.networks.layers.simplelayers import SkipConnection
+
+    downs, ups, block = [], [], net.model
+    while isinstance(block, nn.Sequential) and len(block) == 3 and isinstance(block[1], SkipConnection):
+        downs.append(block[0])
+        ups.append(block[2])
+        block = block[1].submodule
+    return downs, ups, block
+
+
+def set_strides(net: nn.Module, strides: list | None) -> None:
+    """Give a strided U-Net other per-level strides in place (None: 2 everywhere). A convolution's weights do not
+    depend on its stride, so one network can take patches of differently spaced datasets, each with the strides
+    that fit its grid (VerSemi's datasets)."""
+    downs, ups, _ = unet_levels(net)
+    for level, (down, up) in enumerate(zip(downs, ups)):
+        stride = (2,) * len(down.conv.stride) if strides is None else tuple(strides[level])
+        down.conv.stride = up.conv.stride = stride
+        up.conv.output_padding = tuple(s - 1 for s in stride)  # kernel 3, padding 1: the transpose doubles exactly
