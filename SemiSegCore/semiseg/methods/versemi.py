@@ -36,7 +36,9 @@ pooled controller input and the head's 1x1 convolution (``head_norm``) whatever 
 norm there would standardise each sample's channels on their own and leave the controller little of the image.
 On a CPU the backbone may be the strided U-Net (``model.name: strided_unet3d``, the network of the CPU presets): its
 first convolution is strided and its last up-convolution (convolution only) returns to full resolution, so it
-already has the released layout; the head reads that up-convolution's output and the U-Net's bottom block.
+already has the released layout; the head reads that up-convolution's output and the U-Net's bottom block. Each
+dataset's patches may pass it with their own strides (``datasets[i].strides``, e.g. ACDC's 10 mm slice axis kept
+whole for two levels while LA's isotropic patches are halved along every axis): the weights are the same.
 """
 from __future__ import annotations
 
