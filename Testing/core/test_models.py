@@ -48,7 +48,8 @@ def test_strides_per_level_and_axis_keep_the_coarse_axis():
     assert down == [(1, 2, 2), (1, 2, 2), (2, 2, 2)] and up == sorted(down)
     assert net(torch.randn(1, 1, 8, 32, 32)).shape == (1, 2, 8, 32, 32)
     default = build_model("strided_unet3d", 1, 2, features=4)
-    assert [m.stride for m in default.modules() if isinstance(m, nn.Conv3d) and m.stride != (1, 1, 1)] == [(2, 2, 2)] * 3
+    strided = [m.stride for m in default.modules() if isinstance(m, nn.Conv3d) and m.stride != (1, 1, 1)]
+    assert strided == [(2, 2, 2)] * 3
     with pytest.raises(ValueError, match="strided U-Nets"):
         build_model("unet3d", 1, 2, features=4, strides=[[1, 2, 2]] * 3)
 

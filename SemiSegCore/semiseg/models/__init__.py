@@ -14,8 +14,8 @@ import torch.nn as nn
 from ..registry import MODEL_NAMES, STRIDED_LEVELS, size_multiple, spatial_dims_of
 from .vnet import VNet
 
-__all__ = ["MODEL_NAMES", "build_model", "set_strides", "unet_levels", "instance_norms_as_group_norms", "replace_modules", "size_multiple",
-           "spatial_dims_of"]
+__all__ = ["MODEL_NAMES", "build_model", "instance_norms_as_group_norms", "replace_modules", "set_strides",
+           "size_multiple", "spatial_dims_of", "unet_levels"]
 
 
 def _widths(base: int) -> tuple[int, ...]:
@@ -96,7 +96,6 @@ def bottleneck(net: nn.Module) -> tuple[nn.Module, int]:
     if isinstance(net, UNet):
         return unet_levels(net)[2], net.channels[-1]
     raise ValueError(f"no known bottleneck in {type(net).__name__} (vnet or a strided U-Net)")
-
 
 
 def unet_levels(net: nn.Module) -> tuple[list[nn.Module], list[nn.Module], nn.Module]:
