@@ -67,8 +67,8 @@ class ModelConfig:
     """V-Net normalisation: batch | instance | none."""
     strides: Optional[list] = None
     """Strided U-Nets only: the stride of each level along each axis (e.g. ``[[1,2,2],[1,2,2],[2,2,2]]``), for
-    anisotropic grids where halving the coarse axis early loses it (nnU-Net's rule: halve an axis only while its
-    spacing is at most twice the finest; ``semiseg plan`` suggests them). None: 2 along every axis at every level."""
+    anisotropic grids (``semiseg plan`` suggests them: ``plan.plan_strides``). None: 2 along every axis at every
+    level."""
 
 
 @dataclass

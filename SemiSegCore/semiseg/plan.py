@@ -180,14 +180,15 @@ def make_plan(cfg: Config, budget_minutes: float = 20.0, device: str | None = No
     work = working_shape(tuple(shape), tuple(spacing), target)
     model, why = plan_model(cfg, cpu)
     reasons += why
-    plane = work
-    if len(work) > dims:  # a 2D network on volumes: the slice plane
-        plane = tuple(s for a, s in enumerate(work) if a != cfg.train.slice_axis % len(work))
-    patch = plan_patch(plane, model, max_patch)
-    grid = spacing if target is None else target
-    if len(grid) > dims:
-        grid = [v for a, v in enumerate(grid) if a != cfg.train.slice_axis % len(grid)]
-    strides = plan_strides(grid, model)
+
+    def network_axes(values) -> tuple:
+        """Per-axis values on the network's axes (a 2D network on volumes: the slice plane)."""
+        if len(values) <= dims:
+            return tuple(values)
+        return tuple(v for a, v in enumerate(values) if a != cfg.train.slice_axis % len(values))
+
+    patch = plan_patch(network_axes(work), model, max_patch)
+    strides = plan_strides(network_axes(spacing if target is None else target), model)
     if strides is not None:
         reasons.append(f"strides {strides}: an axis is halved only while its spacing is at most twice the finest")
     reasons.append(f"patch: the median working shape rounded down to multiples of {size_multiple(model)}, at most "
