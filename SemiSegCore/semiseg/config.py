@@ -17,7 +17,8 @@ from typing import Any, Optional, Union
 import yaml
 
 from .errors import SemiSegError
-from .registry import MODEL_NAMES, STRIDED_LEVELS, available_methods, size_multiple, spatial_dims_of
+from .registry import (MAX_STRIDED_LEVELS, MODEL_NAMES, STRIDED_LEVELS, available_methods, size_multiple,
+                       spatial_dims_of)
 
 
 class ConfigError(SemiSegError, ValueError):
@@ -67,8 +68,9 @@ class ModelConfig:
     """V-Net normalisation: batch | instance | none."""
     strides: Optional[list] = None
     """Strided U-Nets only: the stride of each level along each axis (e.g. ``[[1,2,2],[1,2,2],[2,2,2]]``), for
-    anisotropic grids (``semiseg plan`` suggests them: ``plan.plan_strides``). None: 2 along every axis at every
-    level."""
+    anisotropic grids (``semiseg plan`` suggests them: ``plan.plan_strides``). The number of levels is the network's
+    depth (channels ``features`` x 1, 2, 4, ... down to the bottom block); patch sides must be multiples of the
+    product of their axis's strides. None: the network's default depth, 2 along every axis at every level."""
 
 
 @dataclass
@@ -256,30 +258,33 @@ def check_values(cfg: Config) -> None:
         raise ConfigError(f"config keys 'train.weight_decay' (>= 0), 'train.foreground_crop' (0 to 1) and "
                           f"'infer.overlap' (0 to below 1): got {t.weight_decay}, {t.foreground_crop}, {i.overlap}")
     check_strides(cfg.model.strides, cfg.model.name)
-    multiple = size_multiple(cfg.model.name)
+    multiples = size_multiple(cfg.model.name, cfg.model.strides)
     for key in ("train.patch_size", "infer.patch_size"):
         sizes = get(key)
         if sizes is None:
             continue
-        fits = all(isinstance(s, int) and s > 0 and s % multiple == 0 for s in sizes)
-        if len(sizes) != len(t.patch_size) or not fits:
-            raise ConfigError(f"config key '{key}' must be {len(t.patch_size)} sizes, each a multiple of {multiple} "
-                              f"(what model '{cfg.model.name}' needs), got {sizes}")
+        fits = len(sizes) == len(t.patch_size) and all(isinstance(s, int) and s > 0 and s % m == 0
+                                                       for s, m in zip(sizes, multiples))
+        if not fits:
+            raise ConfigError(f"config key '{key}' must be {len(t.patch_size)} sizes, multiples of "
+                              f"{'x'.join(map(str, multiples))} (what model '{cfg.model.name}' needs with its "
+                              f"strides), got {sizes}")
 
 
 def check_strides(strides, model: str, key: str = "model.strides") -> None:
     """Per-level strides (``model.strides``) that network ``model`` can take; errors name ``key``."""
     if strides is None:
         return
-    levels, dims = STRIDED_LEVELS.get(model), spatial_dims_of(model)
-    if levels is None:
+    if model not in STRIDED_LEVELS:
         raise ConfigError(f"config key '{key}' applies to the strided U-Nets ({', '.join(STRIDED_LEVELS)}), "
                           f"not to '{model}'")
-    ok = isinstance(strides, list) and len(strides) == levels and all(
+    dims = spatial_dims_of(model)
+    ok = isinstance(strides, list) and 1 <= len(strides) <= MAX_STRIDED_LEVELS and all(
         isinstance(level, (list, tuple)) and len(level) == dims and all(s in (1, 2) and not isinstance(s, bool)
                                                                          for s in level) for level in strides)
     if not ok:
-        raise ConfigError(f"config key '{key}' must be {levels} levels of {dims} strides (1 or 2) for '{model}', "
+        raise ConfigError(f"config key '{key}' must be 1 to {MAX_STRIDED_LEVELS} levels (the network's depth; "
+                          f"{STRIDED_LEVELS[model]} by default) of {dims} strides (1 or 2) for '{model}', "
                           f"got {strides!r}")
 
 

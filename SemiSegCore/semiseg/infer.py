@@ -33,13 +33,13 @@ def mean_probabilities(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
 
 @torch.inference_mode()
 def sliding_window_probs(net: Callable[[torch.Tensor], torch.Tensor], image: np.ndarray, patch_size, overlap: float,
-                         device, batch_size: int = 4, amp: bool = False, multiple: int = 16,
+                         device, batch_size: int = 4, amp: bool = False, multiple: int | tuple = 16,
                          mirror: bool = False) -> np.ndarray:
     """Class probabilities (K, *spatial) of a channels-first image by Gaussian-weighted sliding windows.
 
     ``image`` may also be a stack (N, C, *spatial) of same-sized images (e.g. the slices of a volume), giving
-    (N, K, *spatial). The image is padded to at least the patch size (and to a multiple of ``multiple`` where it is
-    smaller than the patch) and the padding is cut off again, so the output is on the input grid. With ``mirror``
+    (N, K, *spatial). The image is padded to at least the patch size (and to a multiple of ``multiple``, one value or
+    one per axis, where it is smaller than the patch) and the padding is cut off again, so the output is on the input grid. With ``mirror``
     each window's probabilities are the mean over the window and its mirror images along every subset of the spatial
     axes, each flipped back (nnU-Net's test-time mirroring; 2^d network passes). The training augmentation flips
     along every axis, so the network has seen mirrored images.
@@ -49,7 +49,8 @@ def sliding_window_probs(net: Callable[[torch.Tensor], torch.Tensor], image: np.
     stacked = image.ndim == len(patch_size) + 2
     batch = image if stacked else image[None]
     spatial = batch.shape[2:]
-    roi = [min(int(p), int(np.ceil(s / multiple) * multiple)) for p, s in zip(patch_size, spatial)]
+    multiples = np.broadcast_to(multiple, len(spatial))
+    roi = [min(int(p), int(np.ceil(s / m) * m)) for p, s, m in zip(patch_size, spatial, multiples)]
     target = [max(s, r) for s, r in zip(spatial, roi)]
     pads = [(0, 0), (0, 0)] + [((t - s) // 2, (t - s) - (t - s) // 2) for s, t in zip(spatial, target)]
     if any(p != (0, 0) for p in pads):
@@ -117,7 +118,7 @@ class Predictor:
     def predict_array(self, arr: np.ndarray) -> np.ndarray:
         """Probabilities (K, *spatial) for an array already on the working grid (normalised, channels first). A 3D
         volume given to a 2D network is predicted slice by slice along ``train.slice_axis``."""
-        multiple = size_multiple(self.config.model.name)
+        multiple = size_multiple(self.config.model.name, self.config.model.strides)
         if arr.ndim - 1 == len(self.patch_size) + 1:
             axis = self.config.train.slice_axis % (arr.ndim - 1) + 1
             stack = np.moveaxis(arr, axis, 0)  # (N, C, *2D)

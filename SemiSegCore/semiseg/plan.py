@@ -130,8 +130,7 @@ def plan_strides(spacing, model: str) -> list | None:
 
 
 def plan_patch(work: tuple, model: str, max_patch: list) -> list[int]:
-    m = size_multiple(model)
-    return [max(m, min(cap, (int(s) // m) * m)) for s, cap in zip(work, max_patch)]
+    return [max(m, min(cap, (int(s) // m) * m)) for s, cap, m in zip(work, max_patch, size_multiple(model))]
 
 
 def seconds_per_iteration(cfg: Config, device: torch.device, steps: int = 6) -> float:
@@ -191,7 +190,7 @@ def make_plan(cfg: Config, budget_minutes: float = 20.0, device: str | None = No
     strides = plan_strides(network_axes(spacing if target is None else target), model)
     if strides is not None:
         reasons.append(f"strides {strides}: an axis is halved only while its spacing is at most twice the finest")
-    reasons.append(f"patch: the median working shape rounded down to multiples of {size_multiple(model)}, at most "
+    reasons.append(f"patch: the median working shape rounded down to multiples of {size_multiple(model)[0]}, at most "
                    f"{'x'.join(map(str, max_patch))}")
     sec = seconds_per_iteration(_trial(cfg, model, patch, strides), dev)
     iterations = fitting_iterations(budget_minutes, sec)

@@ -3,6 +3,8 @@ with the facts a config check needs (spatial dimensions, patch-size multiple). `
 ``methods`` and ``models`` build from them."""
 from __future__ import annotations
 
+import math
+
 METHODS = {
     "supervised": "semiseg.methods.supervised:Supervised",
     "knowledge_mining": "semiseg.methods.knowledge_mining:KnowledgeMining",
@@ -13,7 +15,9 @@ METHODS = {
 """Method name (``method:`` in a config) -> ``module:class``."""
 
 STRIDED_LEVELS = {"strided_unet3d": 3, "strided_unet2d": 4}
-"""Stride-2 levels of the strided U-Nets (3D: 16..128 channels with 16 features)."""
+"""Default stride-2 levels of the strided U-Nets (3D: 16..128 channels with 16 features); ``model.strides`` may give
+them another depth, up to ``MAX_STRIDED_LEVELS``."""
+MAX_STRIDED_LEVELS = 6
 MODEL_NAMES = ("vnet", "unet3d", "unet2d", "unetpp2d", *STRIDED_LEVELS)
 
 
@@ -25,6 +29,9 @@ def spatial_dims_of(model: str) -> int:
     return 2 if model.endswith("2d") else 3
 
 
-def size_multiple(model: str) -> int:
-    """Patch sides must be multiples of this (2 to the number of stride-2 stages)."""
-    return 2 ** STRIDED_LEVELS.get(model, 4)
+def size_multiple(model: str, strides: list | None = None) -> tuple[int, ...]:
+    """What each patch side must be a multiple of: the product of the strides along that axis (``model.strides``),
+    by default 2 to the number of stride-2 stages."""
+    if strides is not None:
+        return tuple(int(math.prod(axis)) for axis in zip(*strides))
+    return (2 ** STRIDED_LEVELS.get(model, 4),) * spatial_dims_of(model)

@@ -49,8 +49,8 @@ def test_overrides(repo_dir):
 
 
 @pytest.mark.parametrize("strides,model,message", [
-    ("[[1,2,2],[2,2,2]]", "strided_unet3d", "must be 3 levels of 3 strides"),
-    ("[[1,2,3],[1,2,2],[2,2,2]]", "strided_unet3d", "must be 3 levels of 3 strides"),
+    ("[" + ",".join(["[2,2,2]"] * 7) + "]", "strided_unet3d", "must be 1 to 6 levels"),
+    ("[[1,2,3],[1,2,2],[2,2,2]]", "strided_unet3d", "must be 1 to 6 levels"),
     ("[[1,2,2],[1,2,2],[2,2,2]]", "unet3d", "applies to the strided U-Nets"),
 ])
 def test_strides_are_checked_against_the_network(repo_dir, strides, model, message):
@@ -58,3 +58,12 @@ def test_strides_are_checked_against_the_network(repo_dir, strides, model, messa
         load_config(repo_dir / "Resources/configs/la2018_cpu.yaml", [f"model.name={model}", f"model.strides={strides}"])
     cfg = load_config(repo_dir / "Resources/configs/la2018_cpu.yaml", ["model.strides=[[1,2,2],[1,2,2],[2,2,2]]"])
     assert cfg.model.strides == [[1, 2, 2], [1, 2, 2], [2, 2, 2]]
+
+
+def test_strides_set_the_depth_and_the_patch_multiples(repo_dir):
+    """Four levels on LA's 64x64x40 patch: the last one keeps the 40-voxel axis (40 is a multiple of 8, not of 16)."""
+    deep = "model.strides=[[2,2,2],[2,2,2],[2,2,2],[2,2,1]]"
+    cfg = load_config(repo_dir / "Resources/configs/la2018_cpu.yaml", [deep])
+    assert len(cfg.model.strides) == 4 and cfg.train.patch_size == [64, 64, 40]
+    with pytest.raises(ConfigError, match="'train.patch_size' must be 3 sizes, multiples of 16x16x16"):
+        load_config(repo_dir / "Resources/configs/la2018_cpu.yaml", ["model.strides=[[2,2,2],[2,2,2],[2,2,2],[2,2,2]]"])

@@ -70,3 +70,20 @@ def test_set_strides_gives_the_network_built_with_them():
     torch.testing.assert_close(net(x), built(x))
     set_strides(net, None)
     torch.testing.assert_close(net(x), plain)
+
+
+def test_strides_give_the_depth():
+    """Four levels of strides build a four-level U-Net (channels up to 16x the features, bottom at 1/16 along the
+    halved axes); set_strides may change a network's strides but not its depth."""
+    from semiseg.models import set_strides, unet_levels
+
+    net = build_model("strided_unet3d", 1, 2, features=4, strides=[[2, 2, 2]] * 3 + [[2, 2, 1]])
+    downs, _, bottom = unet_levels(net)
+    assert [d.conv.stride for d in downs] == [(2, 2, 2)] * 3 + [(2, 2, 1)] and net.channels[-1] == 64
+    kept = []
+    handle = bottom.register_forward_hook(lambda module, inputs, output: kept.append(output.shape))
+    assert net(torch.randn(1, 1, 32, 32, 8)).shape == (1, 2, 32, 32, 8)
+    handle.remove()
+    assert kept == [(1, 64, 2, 2, 1)]
+    with pytest.raises(ValueError, match="3 levels of strides for a U-Net of 4 levels"):
+        set_strides(net, [[2, 2, 2]] * 3)

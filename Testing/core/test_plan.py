@@ -21,7 +21,7 @@ def test_plan_for_la_measures_a_real_step(repo_dir, la_dir):
                       [f"data.root={la_dir}", "model.features=4", "train.batch_size=1", "train.threads=1"])
     plan = make_plan(cfg, budget_minutes=1.0, device="cpu")
     assert plan.target_spacing == [1.25, 1.25, 1.25] and plan.model == "strided_unet3d"
-    assert all(p % size_multiple(plan.model) == 0 for p in plan.patch_size)
+    assert all(p % m == 0 for p, m in zip(plan.patch_size, size_multiple(plan.model)))
     assert plan.seconds_per_iteration > 0 and plan.iterations >= 100
     assert "--set data.target_spacing=[1.25,1.25,1.25]" in plan.text()
 

@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError, build_dataclass, check_spacing, check_strides
+from ..registry import STRIDED_LEVELS
 from ..data.cases import LoadedCase, Manifest, discover_cases, load_case, make_manifest
 from ..data.sampling import Augmentation, Batch, PatchSampler
 from ..evaluate import mean_dice, score_case
@@ -284,7 +285,12 @@ class VerSemi(Method):
                               "data section) with its tasks")
         self.data = [_Data(i, s, cfg) for i, s in enumerate(p.datasets)]
         for d in self.data[1:]:
-            check_strides(d.spec.strides, cfg.model.name, f"versemi.datasets[{d.index}].strides")
+            key = f"versemi.datasets[{d.index}].strides"
+            check_strides(d.spec.strides, cfg.model.name, key)
+            depth = len(cfg.model.strides or [None] * STRIDED_LEVELS.get(cfg.model.name, 0))
+            if d.spec.strides is not None and len(d.spec.strides) != depth:
+                raise ConfigError(f"config key '{key}': {len(d.spec.strides)} levels, but the network has {depth} "
+                                  f"(model.strides); a dataset's strides may differ, not the network's depth")
         self._switch_strides = len({repr(d.strides) for d in self.data}) > 1
         names = [d.name for d in self.data]
         if len(set(names)) != len(names):
@@ -643,9 +649,10 @@ class VerSemi(Method):
         return logits
 
     def dataset_config(self, d: _Data, num_classes: int | None = None):
-        """The run's config as one dataset's predictions are read: its root, normalisation, working grid, window
-        and clean-up (``num_classes``: default the dataset's)."""
+        """The run's config as one dataset's predictions are read: its root, normalisation, working grid, strides,
+        window and clean-up (``num_classes``: default the dataset's)."""
         cfg = copy.deepcopy(self.cfg)
+        cfg.model = replace(cfg.model, strides=d.strides)
         cfg.data = replace(cfg.data, root=d.root, intensity=d.intensity, num_classes=num_classes or d.num_classes,
                            target_spacing=d.target_spacing)
         cfg.infer = replace(cfg.infer, largest_component=d.largest_component, patch_size=list(d.infer_patch))

@@ -38,10 +38,9 @@ def build_model(name: str, in_channels: int, num_classes: int, features: int = 1
         net = _UNetPlusPlus(BasicUNetPlusPlus(spatial_dims=2, in_channels=in_channels, out_channels=num_classes,
                                               features=_widths(features), dropout=dropout))
     elif name in STRIDED_LEVELS:
-        levels = STRIDED_LEVELS[name]
-        level_strides = (2,) * levels if strides is None else tuple(map(tuple, strides))
+        level_strides = (2,) * STRIDED_LEVELS[name] if strides is None else tuple(map(tuple, strides))
         net = UNet(spatial_dims=spatial_dims_of(name), in_channels=in_channels, out_channels=num_classes,
-                   channels=tuple(features * 2 ** i for i in range(levels + 1)), strides=level_strides,
+                   channels=tuple(features * 2 ** i for i in range(len(level_strides) + 1)), strides=level_strides,
                    dropout=dropout)
     else:
         raise ValueError(f"unknown model '{name}' ({', '.join(MODEL_NAMES)})")
@@ -116,6 +115,9 @@ def set_strides(net: nn.Module, strides: list | None) -> None:
     depend on its stride, so one network can take patches of differently spaced datasets, each with the strides
     that fit its grid (VerSemi's datasets)."""
     downs, ups, _ = unet_levels(net)
+    if strides is not None and len(strides) != len(downs):
+        raise ValueError(f"{len(strides)} levels of strides for a U-Net of {len(downs)} levels: the strides may "
+                         f"change, not the depth")
     for level, (down, up) in enumerate(zip(downs, ups)):
         stride = (2,) * len(down.conv.stride) if strides is None else tuple(strides[level])
         down.conv.stride = up.conv.stride = stride
