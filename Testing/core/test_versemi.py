@@ -106,8 +106,11 @@ def test_backbone_must_give_decoder_features_and_a_bottleneck():
     with pytest.raises(ConfigError, match="versemi.full_res_skip"):
         VerSemi(config_from_dict(raw), torch.device("cpu"))
     raw["versemi"]["full_res_skip"] = False
-    raw["versemi"]["datasets"][1]["strides"] = [[1, 2, 2], [2, 2, 2]]
-    with pytest.raises(ConfigError, match=r"versemi.datasets\[1\].strides' must be 3 levels"):
+    raw["versemi"]["datasets"][1]["strides"] = [[1, 2, 2], [2, 2, 3]]
+    with pytest.raises(ConfigError, match=r"versemi.datasets\[1\].strides' must be 1 to 6 levels"):
+        VerSemi(config_from_dict(raw), torch.device("cpu"))
+    raw["versemi"]["datasets"][1]["strides"] = [[1, 2, 2], [2, 2, 2]]  # valid strides, but not the network's depth
+    with pytest.raises(ConfigError, match=r"versemi.datasets\[1\].strides': 2 levels, but the network has 3"):
         VerSemi(config_from_dict(raw), torch.device("cpu"))
 
 
