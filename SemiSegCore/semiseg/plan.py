@@ -8,7 +8,8 @@ Rules (simple on purpose, and printed with their reasons):
 - patch: the median working shape rounded down to the network's size multiple, capped at ``max_patch``;
 - network: the config's, except that 3D V-Nets and BasicUNets become the strided U-Net on a CPU (about 4x cheaper);
   a strided U-Net halves an axis at a level only while that axis's spacing is at most twice the finest (nnU-Net's
-  rule), so a much coarser axis keeps its voxels until the others catch up;
+  rule), so a much coarser axis keeps its voxels until the others catch up, and only while the axis keeps at least 4
+  voxels of the patch; it has as many levels as some axis can be halved (nnU-Net's depth);
 - pictures on a CPU: coarser still (in steps of 16 pixels, down to 64) while the budget buys fewer than
   ``MIN_PICTURE_ITERATIONS`` iterations at the measured speed;
 - iterations: what fits ``budget`` minutes at the measured speed, less a share for validation.
@@ -27,11 +28,12 @@ from .data.cases import discover_cases
 from .data.resample import spacing_per_axis, working_shape
 from .io import read_image
 from .models import size_multiple, spatial_dims_of
-from .registry import STRIDED_LEVELS
+from .registry import MAX_STRIDED_LEVELS, STRIDED_LEVELS
 
 CPU_LIMITS = {3: (96, [64, 64, 48]), 2: (128, [128, 128])}
 GPU_LIMITS = {3: (160, [128, 128, 96]), 2: (256, [256, 256])}
 VALIDATION_SHARE = 0.15
+MIN_BOTTOM_SIDE = 4  # nnU-Net's smallest feature map side: a strided U-Net's bottom keeps at least 4 voxels per axis
 MIN_PICTURE_ITERATIONS, MIN_PICTURE_SIDE = 5000, 64
 """On Kvasir-SEG 10% (2 CPU cores) the U-Net++ gained more from iterations than from pixels: 96 px x 5,000 iterations
 (21 minutes) reached validation Dice 0.623 against 0.579 for 128 px x 2,500 (16 minutes; 20 minutes buy about 2,700
@@ -115,18 +117,27 @@ def plan_model(cfg: Config, cpu: bool) -> tuple[str, list[str]]:
     return name, [f"the config's network '{name}'"]
 
 
-def plan_strides(spacing, model: str) -> list | None:
+def plan_strides(spacing, model: str, patch=None) -> list | None:
     """Per-level strides for a strided U-Net on a grid of this spacing (one value per network axis): an axis is halved
-    while its spacing is at most twice the finest. None where that is 2 everywhere (the network's default)."""
+    while its spacing is at most twice the finest. With ``patch`` the depth is planned too (nnU-Net): an axis is
+    halved only while it keeps an even count of at least ``MIN_BOTTOM_SIDE`` voxels, and levels are added while some
+    axis can be halved; without it the network keeps its default depth. None where that is the network's default
+    (its depth, 2 everywhere)."""
     if model not in STRIDED_LEVELS:
         return None
     current = np.asarray(spacing, dtype=float)
+    sides = None if patch is None else np.asarray(patch, dtype=int)
     levels = []
-    for _ in range(STRIDED_LEVELS[model]):
+    while len(levels) < (STRIDED_LEVELS[model] if sides is None else MAX_STRIDED_LEVELS):
         level = [2 if s <= 2 * current.min() else 1 for s in current]
+        if sides is not None:
+            level = [2 if h == 2 and n % 2 == 0 and n // 2 >= MIN_BOTTOM_SIDE else 1 for h, n in zip(level, sides)]
+            if max(level) == 1:
+                break
+            sides = sides // level
         current = current * level
         levels.append(level)
-    return None if all(s == 2 for level in levels for s in level) else levels
+    return None if levels == [[2] * len(current)] * STRIDED_LEVELS[model] else levels
 
 
 def plan_patch(work: tuple, model: str, max_patch: list) -> list[int]:
@@ -186,10 +197,11 @@ def make_plan(cfg: Config, budget_minutes: float = 20.0, device: str | None = No
             return tuple(values)
         return tuple(v for a, v in enumerate(values) if a != cfg.train.slice_axis % len(values))
 
+    def planned_strides(patch: list, target) -> list | None:
+        return plan_strides(network_axes(spacing if target is None else target), model, patch)
+
     patch = plan_patch(network_axes(work), model, max_patch)
-    strides = plan_strides(network_axes(spacing if target is None else target), model)
-    if strides is not None:
-        reasons.append(f"strides {strides}: an axis is halved only while its spacing is at most twice the finest")
+    strides = planned_strides(patch, target)
     reasons.append(f"patch: the median working shape rounded down to multiples of {size_multiple(model)[0]}, at most "
                    f"{'x'.join(map(str, max_patch))}")
     sec = seconds_per_iteration(_trial(cfg, model, patch, strides), dev)
@@ -202,10 +214,14 @@ def make_plan(cfg: Config, budget_minutes: float = 20.0, device: str | None = No
             target = [float(max(shape * spacing)) / side] * 2
             work = working_shape(tuple(shape), tuple(spacing), target)
             patch = plan_patch(work, model, max_patch)
+            strides = planned_strides(patch, target)
             sec = seconds_per_iteration(_trial(cfg, model, patch, strides), dev)
             iterations = fitting_iterations(budget_minutes, sec)
         reasons.append(f"at {planned_side} px the budget buys {planned_iterations} iterations, fewer than "
                        f"{MIN_PICTURE_ITERATIONS}: {side} px buys {iterations}")
+    if strides is not None:
+        reasons.append(f"strides {strides}: an axis is halved only while its spacing is at most twice the finest "
+                       f"and it keeps at least {MIN_BOTTOM_SIDE} voxels; {len(strides)} levels")
     return Plan(n, tuple(spacing), tuple(int(s) for s in shape), target, work, model, strides, patch, sec,
                 max(iterations, 100), budget_minutes, str(dev), threads, reasons)
 

@@ -21,7 +21,7 @@ def test_plan_for_la_measures_a_real_step(repo_dir, la_dir):
                       [f"data.root={la_dir}", "model.features=4", "train.batch_size=1", "train.threads=1"])
     plan = make_plan(cfg, budget_minutes=1.0, device="cpu")
     assert plan.target_spacing == [1.25, 1.25, 1.25] and plan.model == "strided_unet3d"
-    assert all(p % m == 0 for p, m in zip(plan.patch_size, size_multiple(plan.model)))
+    assert all(p % m == 0 for p, m in zip(plan.patch_size, size_multiple(plan.model, plan.strides)))
     assert plan.seconds_per_iteration > 0 and plan.iterations >= 100
     assert "--set data.target_spacing=[1.25,1.25,1.25]" in plan.text()
 
@@ -45,10 +45,16 @@ def test_strides_keep_a_coarse_axis_until_the_others_catch_up(repo_dir, acdc_dir
     assert plan_strides([10.0, 2.0, 2.0], "strided_unet3d") == [[1, 2, 2], [1, 2, 2], [2, 2, 2]]
     assert plan_strides([1.25, 1.25, 1.25], "strided_unet3d") is None  # 2 everywhere: the default
     assert plan_strides([10.0, 2.0, 2.0], "unet3d") is None
+    # with the patch, the depth too: halve while an axis keeps >= 4 voxels (LA's 40-voxel axis stops at 5)
+    assert plan_strides([1.25] * 3, "strided_unet3d", [64, 64, 40]) == [[2, 2, 2]] * 3 + [[2, 2, 1]]
+    assert plan_strides([10.0, 2.0, 2.0], "strided_unet3d", [16, 64, 64]) == [[1, 2, 2], [1, 2, 2], [2, 2, 2],
+                                                                              [2, 2, 2]]
+    assert plan_strides([1.25] * 3, "strided_unet3d", [32, 32, 32]) is None  # 4 voxels after 3 levels: the default
     cfg = load_config(repo_dir / "Resources" / "configs" / "acdc_supervised.yaml",
                       [f"data.root={acdc_dir}", "data.target_spacing=[10,2,2]", "model.features=4",
                        "train.batch_size=1", "train.threads=1"])
     plan = make_plan(cfg, budget_minutes=1.0, device="cpu")
-    assert plan.model == "strided_unet3d" and plan.strides == [[1, 2, 2], [1, 2, 2], [2, 2, 2]]
-    assert "--set model.strides=[[1,2,2],[1,2,2],[2,2,2]]" in plan.text()
+    assert plan.model == "strided_unet3d" and plan.strides[:2] == [[1, 2, 2], [1, 2, 2]]
+    assert plan.strides == plan_strides([10.0, 2.0, 2.0], "strided_unet3d", plan.patch_size)
+    assert "--set " + f"model.strides={plan.strides}".replace(" ", "") in plan.text()
     load_config(repo_dir / "Resources" / "configs" / "acdc_supervised.yaml", plan.overrides())  # a valid config
