@@ -266,9 +266,10 @@ def check_values(cfg: Config) -> None:
         fits = len(sizes) == len(t.patch_size) and all(isinstance(s, int) and s > 0 and s % m == 0
                                                        for s, m in zip(sizes, multiples))
         if not fits:
+            given = " with model.strides" if cfg.model.strides is not None else ""
             raise ConfigError(f"config key '{key}' must be {len(t.patch_size)} sizes, multiples of "
-                              f"{'x'.join(map(str, multiples))} (what model '{cfg.model.name}' needs with its "
-                              f"strides), got {sizes}")
+                              f"{'x'.join(map(str, multiples))} (what model '{cfg.model.name}' needs{given}), "
+                              f"got {sizes}")
 
 
 def check_strides(strides, model: str, key: str = "model.strides") -> None:

@@ -328,8 +328,8 @@ def test_a_checkpoint_of_another_architecture_is_named(la_dir, run_copy, tmp_pat
     ("train.optimizer", "sgdm", "'train.optimizer': unknown value 'sgdm' \\(sgd, adam, adamw\\)"),
     ("model.name", "vnet2", "'model.name': unknown model 'vnet2'"),
     ("data.intensity", "z-score", "'data.intensity': unknown value 'z-score'"),
-    ("train.patch_size", [32, 32, 40], "'train.patch_size' must be 3 sizes, each a multiple of 16 .*'vnet'"),
-    ("infer.patch_size", [96, 96, 90], "'infer.patch_size' must be 3 sizes, each a multiple of 16"),
+    ("train.patch_size", [32, 32, 40], "'train.patch_size' must be 3 sizes, multiples of 16x16x16 .*'vnet'"),
+    ("infer.patch_size", [96, 96, 90], "'infer.patch_size' must be 3 sizes, multiples of 16x16x16"),
 ])
 def test_config_value_ranges_are_checked_at_load(key, value, message):
     section, name = key.split(".")
