@@ -39,10 +39,10 @@ def sliding_window_probs(net: Callable[[torch.Tensor], torch.Tensor], image: np.
 
     ``image`` may also be a stack (N, C, *spatial) of same-sized images (e.g. the slices of a volume), giving
     (N, K, *spatial). The image is padded to at least the patch size (and to a multiple of ``multiple``, one value or
-    one per axis, where it is smaller than the patch) and the padding is cut off again, so the output is on the input grid. With ``mirror``
-    each window's probabilities are the mean over the window and its mirror images along every subset of the spatial
-    axes, each flipped back (nnU-Net's test-time mirroring; 2^d network passes). The training augmentation flips
-    along every axis, so the network has seen mirrored images.
+    one per axis, where it is smaller than the patch) and the padding is cut off again, so the output is on the input
+    grid. With ``mirror`` each window's probabilities are the mean over the window and its mirror images along every
+    subset of the spatial axes, each flipped back (nnU-Net's test-time mirroring; 2^d network passes). The training
+    augmentation flips along every axis, so the network has seen mirrored images.
     """
     from monai.inferers import sliding_window_inference
 

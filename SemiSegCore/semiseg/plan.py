@@ -28,7 +28,7 @@ from .data.cases import discover_cases
 from .data.resample import spacing_per_axis, working_shape
 from .io import read_image
 from .models import size_multiple, spatial_dims_of
-from .registry import MAX_STRIDED_LEVELS, STRIDED_LEVELS
+from .registry import MAX_STRIDED_LEVELS, STRIDED_LEVELS, level_strides
 
 CPU_LIMITS = {3: (96, [64, 64, 48]), 2: (128, [128, 128])}
 GPU_LIMITS = {3: (160, [128, 128, 96]), 2: (256, [256, 256])}
@@ -137,7 +137,7 @@ def plan_strides(spacing, model: str, patch=None) -> list | None:
             sides = sides // level
         current = current * level
         levels.append(level)
-    return None if levels == [[2] * len(current)] * STRIDED_LEVELS[model] else levels
+    return None if levels == level_strides(model) else levels
 
 
 def plan_patch(work: tuple, model: str, max_patch: list) -> list[int]:

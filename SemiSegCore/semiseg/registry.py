@@ -29,9 +29,17 @@ def spatial_dims_of(model: str) -> int:
     return 2 if model.endswith("2d") else 3
 
 
-def size_multiple(model: str, strides: list | None = None) -> tuple[int, ...]:
-    """What each patch side must be a multiple of: the product of the strides along that axis (``model.strides``),
-    by default 2 to the number of stride-2 stages."""
+def level_strides(model: str, strides: list | None = None) -> list[list[int]]:
+    """A strided U-Net's strides per level and axis: ``model.strides``, or by default 2 everywhere at its default
+    depth. Their count is the network's depth."""
     if strides is not None:
-        return tuple(int(math.prod(axis)) for axis in zip(*strides))
-    return (2 ** STRIDED_LEVELS.get(model, 4),) * spatial_dims_of(model)
+        return [list(level) for level in strides]
+    return [[2] * spatial_dims_of(model) for _ in range(STRIDED_LEVELS[model])]
+
+
+def size_multiple(model: str, strides: list | None = None) -> tuple[int, ...]:
+    """What each patch side must be a multiple of: the product of the network's strides along that axis (the other
+    networks: 16)."""
+    if model not in STRIDED_LEVELS:
+        return (16,) * spatial_dims_of(model)
+    return tuple(int(math.prod(axis)) for axis in zip(*level_strides(model, strides)))

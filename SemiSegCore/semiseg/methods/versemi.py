@@ -54,7 +54,6 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError, build_dataclass, check_spacing, check_strides
-from ..registry import STRIDED_LEVELS
 from ..data.cases import LoadedCase, Manifest, discover_cases, load_case, make_manifest
 from ..data.sampling import Augmentation, Batch, PatchSampler
 from ..evaluate import mean_dice, score_case
@@ -62,6 +61,7 @@ from ..losses import pooled_dice_loss
 from ..mixing import cube_masks
 from ..models import bottleneck, set_strides
 from ..models.task_head import TaskPromptedHead
+from ..registry import level_strides
 from .base import Method
 
 
@@ -287,8 +287,10 @@ class VerSemi(Method):
         for d in self.data[1:]:
             key = f"versemi.datasets[{d.index}].strides"
             check_strides(d.spec.strides, cfg.model.name, key)
-            depth = len(cfg.model.strides or [None] * STRIDED_LEVELS.get(cfg.model.name, 0))
-            if d.spec.strides is not None and len(d.spec.strides) != depth:
+            if d.spec.strides is None:
+                continue
+            depth = len(level_strides(cfg.model.name, cfg.model.strides))  # a strided U-Net: check_strides passed
+            if len(d.spec.strides) != depth:
                 raise ConfigError(f"config key '{key}': {len(d.spec.strides)} levels, but the network has {depth} "
                                   f"(model.strides); a dataset's strides may differ, not the network's depth")
         self._switch_strides = len({repr(d.strides) for d in self.data}) > 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ..registry import MODEL_NAMES, STRIDED_LEVELS, size_multiple, spatial_dims_of
+from ..registry import MODEL_NAMES, STRIDED_LEVELS, level_strides, size_multiple, spatial_dims_of
 from .vnet import VNet
 
 __all__ = ["MODEL_NAMES", "build_model", "instance_norms_as_group_norms", "replace_modules", "set_strides",
@@ -38,10 +38,9 @@ def build_model(name: str, in_channels: int, num_classes: int, features: int = 1
         net = _UNetPlusPlus(BasicUNetPlusPlus(spatial_dims=2, in_channels=in_channels, out_channels=num_classes,
                                               features=_widths(features), dropout=dropout))
     elif name in STRIDED_LEVELS:
-        level_strides = (2,) * STRIDED_LEVELS[name] if strides is None else tuple(map(tuple, strides))
+        levels = tuple(map(tuple, level_strides(name, strides)))
         net = UNet(spatial_dims=spatial_dims_of(name), in_channels=in_channels, out_channels=num_classes,
-                   channels=tuple(features * 2 ** i for i in range(len(level_strides) + 1)), strides=level_strides,
-                   dropout=dropout)
+                   channels=tuple(features * 2 ** i for i in range(len(levels) + 1)), strides=levels, dropout=dropout)
     else:
         raise ValueError(f"unknown model '{name}' ({', '.join(MODEL_NAMES)})")
     return instance_norms_as_group_norms(net)
