@@ -272,8 +272,9 @@ def check_values(cfg: Config) -> None:
                               f"got {sizes}")
 
 
-def check_strides(strides, model: str, key: str = "model.strides") -> None:
-    """Per-level strides (``model.strides``) that network ``model`` can take; errors name ``key``."""
+def check_strides(strides, model: str, key: str = "model.strides", depth: int | None = None) -> None:
+    """Per-level strides (``model.strides``) that network ``model`` can take, with ``depth`` levels where given (a
+    built network's strides may change, not its depth); errors name ``key``."""
     if strides is None:
         return
     if model not in STRIDED_LEVELS:
@@ -287,6 +288,9 @@ def check_strides(strides, model: str, key: str = "model.strides") -> None:
         raise ConfigError(f"config key '{key}' must be 1 to {MAX_STRIDED_LEVELS} levels (the network's depth; "
                           f"{STRIDED_LEVELS[model]} by default) of {dims} strides (1 or 2) for '{model}', "
                           f"got {strides!r}")
+    if depth is not None and len(strides) != depth:
+        raise ConfigError(f"config key '{key}': {len(strides)} levels, but the network has {depth} (model.strides); "
+                          f"a dataset's strides may differ, not the network's depth")
 
 
 def config_from_dict(raw: dict) -> Config:

@@ -61,7 +61,7 @@ from ..losses import pooled_dice_loss
 from ..mixing import cube_masks
 from ..models import bottleneck, set_strides
 from ..models.task_head import TaskPromptedHead
-from ..registry import level_strides
+from ..registry import STRIDED_LEVELS, level_strides
 from .base import Method
 
 
@@ -285,14 +285,8 @@ class VerSemi(Method):
                               "data section) with its tasks")
         self.data = [_Data(i, s, cfg) for i, s in enumerate(p.datasets)]
         for d in self.data[1:]:
-            key = f"versemi.datasets[{d.index}].strides"
-            check_strides(d.spec.strides, cfg.model.name, key)
-            if d.spec.strides is None:
-                continue
-            depth = len(level_strides(cfg.model.name, cfg.model.strides))  # a strided U-Net: check_strides passed
-            if len(d.spec.strides) != depth:
-                raise ConfigError(f"config key '{key}': {len(d.spec.strides)} levels, but the network has {depth} "
-                                  f"(model.strides); a dataset's strides may differ, not the network's depth")
+            depth = len(level_strides(cfg.model.name, cfg.model.strides)) if cfg.model.name in STRIDED_LEVELS else None
+            check_strides(d.spec.strides, cfg.model.name, f"versemi.datasets[{d.index}].strides", depth)
         self._switch_strides = len({repr(d.strides) for d in self.data}) > 1
         names = [d.name for d in self.data]
         if len(set(names)) != len(names):
