@@ -116,11 +116,16 @@ class TrainConfig:
     """With a 2D network on 3D volumes: the axis slices are taken along (training and inference)."""
 
 
+COMPONENT_RULES = ("size", "probability")
+"""What ``infer.largest_component`` keeps of each label: the component with the most voxels or the most probability."""
+
+
 @dataclass
 class InferConfig:
     patch_size: Optional[list] = None  # default: train.patch_size
     overlap: float = 0.5
     largest_component: bool = False
+    component_by: str = "size"  # which component largest_component keeps: most voxels, or most "probability"
     batch_size: int = 4
     mirror: bool = False  # test-time mirroring: average over the image and its flips along every axis (2^d passes)
 
@@ -257,6 +262,9 @@ def check_values(cfg: Config) -> None:
     if t.weight_decay < 0 or not 0 <= t.foreground_crop <= 1 or not 0 <= i.overlap < 1:
         raise ConfigError(f"config keys 'train.weight_decay' (>= 0), 'train.foreground_crop' (0 to 1) and "
                           f"'infer.overlap' (0 to below 1): got {t.weight_decay}, {t.foreground_crop}, {i.overlap}")
+    if i.component_by not in COMPONENT_RULES:
+        raise ConfigError(f"config key 'infer.component_by' must be one of {', '.join(COMPONENT_RULES)}, got "
+                          f"'{i.component_by}'")
     check_strides(cfg.model.strides, cfg.model.name)
     multiples = size_multiple(cfg.model.name, cfg.model.strides)
     for key in ("train.patch_size", "infer.patch_size"):

@@ -13,9 +13,11 @@ from .postprocess import largest_component
 
 def labels_from(probs: np.ndarray, config) -> np.ndarray:
     """The label map of class probabilities (K, *spatial): argmax, then the largest component of each label where
-    ``infer.largest_component`` asks for it."""
+    ``infer.largest_component`` asks for it (by voxels or by probability, ``infer.component_by``)."""
     labels = probs.argmax(0).astype(np.uint8)
-    return largest_component(labels) if config.infer.largest_component else labels
+    if not config.infer.largest_component:
+        return labels
+    return largest_component(labels, probs if config.infer.component_by == "probability" else None)
 
 
 def segment_case(predictor, case) -> np.ndarray:

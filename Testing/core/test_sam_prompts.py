@@ -69,6 +69,26 @@ def test_largest_component_of_each_label_and_of_a_binary_mask():
     assert not largest_component(np.zeros((4, 4), bool)).any()
 
 
+def test_largest_component_by_probability_keeps_the_confident_structure():
+    """A larger but unsure false component wins by voxels and loses by probability; label maps made by
+    ``labels_from`` follow ``infer.component_by``."""
+    from semiseg.config import config_from_dict
+    from semiseg.evaluate import labels_from
+
+    fg = np.zeros((12, 12))
+    fg[0:4, 0:4] = 0.95  # the structure: 16 confident pixels (mass 15.2)
+    fg[6:12, 6:9] = 0.55  # a false blob: 18 unsure pixels (mass 9.9)
+    probs = np.stack([1 - fg, fg])
+    labels = probs.argmax(0).astype(np.uint8)
+    assert largest_component(labels)[8, 7] == 1 and not largest_component(labels)[1, 1]
+    kept = largest_component(labels, probs)
+    assert (kept[0:4, 0:4] == 1).all() and not kept[6:, 6:].any()
+    cfg = {"infer": {"largest_component": True}}
+    assert (labels_from(probs, config_from_dict(cfg)) == largest_component(labels)).all()
+    cfg["infer"]["component_by"] = "probability"
+    assert (labels_from(probs, config_from_dict(cfg)) == kept).all()
+
+
 def test_probability_prompt_uses_largest_component_and_confident_points():
     prob = np.zeros((64, 64), np.float32)
     big = _disc(prob.shape, 30, 40, 10)
