@@ -116,10 +116,6 @@ class TrainConfig:
     """With a 2D network on 3D volumes: the axis slices are taken along (training and inference)."""
 
 
-COMPONENT_RULES = ("size", "probability")
-"""What ``infer.largest_component`` keeps of each label: the component with the most voxels or the most probability."""
-
-
 @dataclass
 class InferConfig:
     patch_size: Optional[list] = None  # default: train.patch_size
@@ -232,7 +228,7 @@ AT_LEAST = {"data.num_classes": 2, "model.features": 1, "train.iterations": 1, "
             "train.unlabelled_batch_size": 1, "train.val_every": 1, "train.checkpoint_every": 1, "infer.batch_size": 1}
 CHOICES = {"data.intensity": ("none", "zscore", "minmax", "percentile", "rgb"),
            "model.norm": ("batch", "instance", "none"), "train.optimizer": ("sgd", "adam", "adamw"),
-           "train.schedule": ("poly", "constant", "cosine")}
+           "train.schedule": ("poly", "constant", "cosine"), "infer.component_by": ("size", "probability")}
 
 
 def check_values(cfg: Config) -> None:
@@ -262,9 +258,6 @@ def check_values(cfg: Config) -> None:
     if t.weight_decay < 0 or not 0 <= t.foreground_crop <= 1 or not 0 <= i.overlap < 1:
         raise ConfigError(f"config keys 'train.weight_decay' (>= 0), 'train.foreground_crop' (0 to 1) and "
                           f"'infer.overlap' (0 to below 1): got {t.weight_decay}, {t.foreground_crop}, {i.overlap}")
-    if i.component_by not in COMPONENT_RULES:
-        raise ConfigError(f"config key 'infer.component_by' must be one of {', '.join(COMPONENT_RULES)}, got "
-                          f"'{i.component_by}'")
     check_strides(cfg.model.strides, cfg.model.name)
     multiples = size_multiple(cfg.model.name, cfg.model.strides)
     for key in ("train.patch_size", "infer.patch_size"):

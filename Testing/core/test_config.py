@@ -40,7 +40,7 @@ def test_unknown_key_named_with_suggestion(repo_dir):
         config_from_dict({"train": {"gamma_augment": 3}})
     with pytest.raises(ConfigError, match="'train.invert_augment' must be 0 to 1, got 1.5"):
         config_from_dict({"train": {"invert_augment": 1.5}})
-    with pytest.raises(ConfigError, match="'infer.component_by' must be one of size, probability, got 'volume'"):
+    with pytest.raises(ConfigError, match=r"'infer.component_by': unknown value 'volume' \(size, probability\)"):
         config_from_dict({"infer": {"component_by": "volume"}})
 
 

@@ -284,8 +284,8 @@ class VerSemi(Method):
             raise ConfigError("config key 'versemi.datasets' must list at least one dataset (the first is the "
                               "data section) with its tasks")
         self.data = [_Data(i, s, cfg) for i, s in enumerate(p.datasets)]
+        depth = len(level_strides(cfg.model.name, cfg.model.strides)) if cfg.model.name in STRIDED_LEVELS else None
         for d in self.data[1:]:
-            depth = len(level_strides(cfg.model.name, cfg.model.strides)) if cfg.model.name in STRIDED_LEVELS else None
             check_strides(d.spec.strides, cfg.model.name, f"versemi.datasets[{d.index}].strides", depth)
         self._switch_strides = len({repr(d.strides) for d in self.data}) > 1
         names = [d.name for d in self.data]
