@@ -11,6 +11,20 @@ from .metrics import dice_score, label_metrics
 from .postprocess import largest_component
 
 
+LARGEST_COMPONENT_CHOICES = ("off", "size", "probability")
+"""The clean-up a user may ask for at prediction time (``semiseg predict --largest-component``): none, or keep each
+label's component with the most voxels, or the one with the most of the label's probability."""
+
+
+def set_largest_component(config, choice: str) -> None:
+    """Set ``config.infer``'s clean-up to one of ``LARGEST_COMPONENT_CHOICES``, overriding what the run trained with."""
+    if choice not in LARGEST_COMPONENT_CHOICES:
+        raise ValueError(f"largest component: unknown choice '{choice}' ({', '.join(LARGEST_COMPONENT_CHOICES)})")
+    config.infer.largest_component = choice != "off"
+    if choice != "off":
+        config.infer.component_by = choice
+
+
 def labels_from(probs: np.ndarray, config) -> np.ndarray:
     """The label map of class probabilities (K, *spatial): argmax, then the largest component of each label where
     ``infer.largest_component`` asks for it (by voxels or by probability, ``infer.component_by``)."""

@@ -10,6 +10,11 @@ from semiseg.config import config_from_dict
 from semiseg.train import train
 
 
+def case_dice(report_dir):
+    with open(report_dir / "metrics.csv", newline="") as f:
+        return {row["case"]: row["dice"] for row in csv.DictReader(f)}
+
+
 def run_script(repo_dir, *args):
     return subprocess.run([sys.executable, str(repo_dir / "scripts" / "eval_pool"), "--threads", "1", *map(str, args)],
                           capture_output=True, text=True, timeout=300)
@@ -34,6 +39,13 @@ def test_the_pool_of_a_supervised_run_is_scored_and_other_methods_are_refused(kv
     assert scored == pool_ids  # every pool case, and no validation or labelled case
     assert json.loads((run / "pool" / "summary.json").read_text())["n_cases"] == 4
     assert f"{run} | 4 |" in done.stdout
+
+    # scored again with the clean-up the run already has (none): the same numbers as its own pool and validation reports
+    again = run_script(repo_dir, "--largest-component", "off", run)
+    assert again.returncode == 0, again.stderr
+    for own, rescored in ((run / "pool", run / "pool-off"), (run, run / "validation-off")):
+        assert case_dice(rescored) == case_dice(own) and case_dice(own)
+    assert set(case_dice(run / "validation-off")) == {c["id"] for c in manifest["val"]}
 
     config = yaml.safe_load((run / "config.yaml").read_text())
     config["method"] = "knowledge_mining"

@@ -2,12 +2,14 @@
 from itertools import combinations
 
 import numpy as np
+import pytest
 import torch
 import yaml
 
 from semiseg.cli import main
 from semiseg.config import config_from_dict
 from semiseg.data.cases import discover_cases
+from semiseg.evaluate import LARGEST_COMPONENT_CHOICES, set_largest_component
 from semiseg.infer import Predictor, sliding_window_probs
 from semiseg.io import read_image, read_label
 from semiseg.runs import load_predictor
@@ -78,15 +80,27 @@ def test_predictor_mirrors_when_the_config_asks(la_case):
     assert np.abs(plain - mirrored).max() > 0.1
 
 
-def test_predict_cli_mirror_flag_overrides_the_run(la_dir, tmp_path):
-    raw = {"name": "mirror", "data": {"root": str(la_dir), "labelled": 1, "val": 0, "max_cases": 2,
-                                       "target_spacing": 2.5},
+@pytest.fixture(scope="module")
+def tiny_run(la_dir, tmp_path_factory):
+    """A one-iteration LA run, trained through the CLI, and one of its images."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    raw = {"name": "tiny", "data": {"root": str(la_dir), "labelled": 1, "val": 0, "max_cases": 2,
+                                     "target_spacing": 2.5},
            "model": {"name": "strided_unet3d", "features": 4},
            "train": {"iterations": 1, "patch_size": [32, 32, 32], "batch_size": 1, "device": "cpu", "amp": False}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
-    assert main(["train", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run"), "--quiet"]) == 0
-    image = read_image(discover_cases(la_dir)[0].image)
-    predictor = load_predictor(tmp_path / "run", device="cpu")
+    (root / "c.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["train", str(root / "c.yaml"), "--out", str(root / "run"), "--quiet"]) == 0
+    return root / "run", read_image(discover_cases(la_dir)[0].image)
+
+
+def predict_with_flags(run, image, out, *flags) -> np.ndarray:
+    assert main(["predict", "--run", str(run), "--input", image.path, "--out", str(out), "--quiet", *flags]) == 0
+    return read_label(next(out.iterdir())).array
+
+
+def test_predict_cli_mirror_flag_overrides_the_run(tiny_run, tmp_path):
+    run, image = tiny_run
+    predictor = load_predictor(run, device="cpu")
     assert predictor.config.infer.mirror is False
     expected = {}
     for mirror in (False, True):
@@ -94,11 +108,27 @@ def test_predict_cli_mirror_flag_overrides_the_run(la_dir, tmp_path):
         expected[mirror] = predictor.segment(image).array
     assert (expected[False] != expected[True]).any()
     for flag, mirror in (("--mirror", True), ("--no-mirror", False)):
-        out = tmp_path / flag.strip("-")
-        assert main(["predict", "--run", str(tmp_path / "run"), "--input", image.path, "--out", str(out),
-                     "--quiet", flag]) == 0
-        written = read_label(next(out.iterdir())).array
+        written = predict_with_flags(run, image, tmp_path / flag.strip("-"), flag)
         np.testing.assert_array_equal(written, expected[mirror])
+
+
+def test_predict_cli_largest_component_flag_overrides_the_run(tiny_run, tmp_path):
+    """``--largest-component off|size|probability`` writes the label map of that clean-up (the run has none)."""
+    run, image = tiny_run
+    predictor = load_predictor(run, device="cpu")
+    assert predictor.config.infer.largest_component is False
+    expected = {}
+    for choice in LARGEST_COMPONENT_CHOICES:
+        set_largest_component(predictor.config, choice)
+        assert predictor.config.infer.largest_component == (choice != "off")
+        assert choice == "off" or predictor.config.infer.component_by == choice
+        expected[choice] = predictor.segment(image).array
+    assert (expected["off"] != expected["size"]).any()  # an untrained network's map has more than one component
+    for choice in LARGEST_COMPONENT_CHOICES:
+        written = predict_with_flags(run, image, tmp_path / choice, "--largest-component", choice)
+        np.testing.assert_array_equal(written, expected[choice])
+    with pytest.raises(ValueError, match="'volume'"):
+        set_largest_component(predictor.config, "volume")
 
 
 def test_predictor_gives_a_volume_net_all_slices_in_order(la_case):

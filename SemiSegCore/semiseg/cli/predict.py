@@ -7,6 +7,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..evaluate import LARGEST_COMPONENT_CHOICES
+
 
 def add_parser(subparsers) -> None:
     pr = subparsers.add_parser("predict", help="segment images with a trained run")
@@ -19,6 +21,10 @@ def add_parser(subparsers) -> None:
     pr.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=None,
                     help="test-time mirroring (mean over the image's flips along every axis; 8x the time in 3D); "
                          "default: the run's infer.mirror")
+    pr.add_argument("--largest-component", choices=LARGEST_COMPONENT_CHOICES, default=None,
+                    help="clean-up: keep each label's largest connected component by voxels ('size') or by summed "
+                         "probability ('probability'), or not at all ('off'); default: the run's "
+                         "infer.largest_component and infer.component_by")
     pr.add_argument("--quiet", action="store_true")
     pr.set_defaults(func=run)
 
@@ -36,6 +42,7 @@ def check_out_apart(inp: Path, out: Path) -> None:
 
 def run(args) -> int:
     from ..data.cases import discover_cases
+    from ..evaluate import set_largest_component
     from ..runs import load_predictor
     from ..io import label_path, read_image, write_label
 
@@ -44,6 +51,8 @@ def run(args) -> int:
     predictor = load_predictor(args.run, which=args.checkpoint, device=args.device)
     if args.mirror is not None:
         predictor.config.infer.mirror = args.mirror
+    if args.largest_component is not None:
+        set_largest_component(predictor.config, args.largest_component)
     out.mkdir(parents=True, exist_ok=True)
     cases = discover_cases(Path(args.input))  # a file, an image folder, or a dataset (MSD, images/ + masks/, h5)
     for case in tqdm(cases, desc="predicting", disable=args.quiet):
