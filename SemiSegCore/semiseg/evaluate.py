@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from .config import CHOICES
 from .metrics import dice_score, label_metrics
 from .postprocess import largest_component
 
 
-LARGEST_COMPONENT_CHOICES = ("off", "size", "probability")
+LARGEST_COMPONENT_CHOICES = ("off", *CHOICES["infer.component_by"])
 """The clean-up a user may ask for at prediction time (``semiseg predict --largest-component``): none, or keep each
 label's component with the most voxels, or the one with the most of the label's probability."""
 
