@@ -98,10 +98,13 @@ def run_setting(bench: str, setting: str, raw_config: dict, overrides: list[str]
     if result.get("stopped"):
         raise SystemExit(f"{setting}: stopped at step {result['step']}; run the benchmark again to resume")
     minutes = (time.time() - t0) / 60
-    info = {"setting": setting, "seed": seed, "minutes": round(minutes, 2), "run_dir": str(run_dir),
+    earlier = earlier_legs_minutes(run_dir)
+    info = {"setting": setting, "seed": seed, "minutes": round(earlier + minutes, 2), "run_dir": str(run_dir),
             "labelled": _count_labelled(run_dir), "device": device_name(pick_device(cfg.train.device)),
             "threads": cfg.train.threads or usable_cores(), "iterations": cfg.train.iterations,
             "load_average": [round(load0, 2), round(os.getloadavg()[0], 2)]}
+    if earlier:  # resumed: the load average is the last leg's
+        info["minutes_last_leg"] = round(minutes, 2)
     (run_dir / "bench.json").write_text(json.dumps(info, indent=1))
     return read_run(run_dir)
 
@@ -241,6 +244,19 @@ def events(run_dir: Path, name: str | None = None) -> list[dict]:
         if name is None or rec.get("event") == name:
             out.append(rec)
     return out
+
+
+def earlier_legs_minutes(run_dir: Path) -> float:
+    """Minutes a resumed run trained before its last leg: each earlier leg runs from its 'start' or 'resumed' record
+    to the last record before the next 'resumed' (a stop, or the last step logged before a kill)."""
+    total, begin, last = 0.0, None, None
+    for rec in events(run_dir):
+        if rec.get("event") in ("start", "resumed"):
+            if begin is not None and rec["event"] == "resumed":
+                total += last - begin
+            begin = rec["time"]
+        last = rec.get("time", last)
+    return total / 60
 
 
 def progress(run_dir: Path) -> str:
