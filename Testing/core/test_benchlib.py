@@ -89,13 +89,12 @@ def test_the_harness_stops_before_training_when_a_start_it_needs_is_stale(tmp_pa
 def test_a_resumed_run_counts_the_minutes_of_its_earlier_legs(tmp_path):
     """Stopped at 2 minutes, resumed and killed after 1 more minute, resumed again: the earlier legs are 3 minutes
     (the time between a stop and the next resume is not counted); a run that never resumed has none."""
-    records = [("start", 0), ("train", 60), ("stopped", 120), ("resumed", 1000), ("train", 1060), ("resumed", 2000),
-               ("train", 2300), ("done", 2600)]
-    with open(tmp_path / "log.jsonl", "w") as f:
-        for event, t in records:
-            f.write(json.dumps({"event": event, "time": 1.8e9 + t}) + "\n")
+    def write_log(records):
+        lines = [json.dumps({"event": event, "time": 1.8e9 + t}) for event, t in records]
+        (tmp_path / "log.jsonl").write_text("\n".join(lines) + "\n")
+
+    write_log([("start", 0), ("train", 60), ("stopped", 120), ("resumed", 1000), ("train", 1060), ("resumed", 2000),
+               ("train", 2300), ("done", 2600)])
     assert benchlib.earlier_legs_minutes(tmp_path) == pytest.approx(3.0)
-    with open(tmp_path / "log.jsonl", "w") as f:
-        for event, t in [("start", 0), ("train", 60), ("done", 90)]:
-            f.write(json.dumps({"event": event, "time": 1.8e9 + t}) + "\n")
+    write_log([("start", 0), ("train", 60), ("done", 90)])
     assert benchlib.earlier_legs_minutes(tmp_path) == 0.0
