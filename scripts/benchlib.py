@@ -194,11 +194,11 @@ def run_settings(bench: str, settings: list[Setting], args) -> dict[str, list[di
             print(f"[{time.strftime('%H:%M:%S')}] " + "; ".join(f"{label}: {progress(d)}" for _, label, d in running),
                   flush=True)
         for entry in list(running):
-            proc, label, _ = entry
+            proc, label, where = entry
             if proc.poll() is not None:
                 running.remove(entry)
                 if proc.returncode != 0:
-                    raise SystemExit(f"{label} failed (exit {proc.returncode})")
+                    raise SystemExit(ended_early(label, where, proc.returncode))
                 print(f"[{time.strftime('%H:%M:%S')}] done {label}", flush=True)
     return {s.name: [read_run(run_dir(s.name, seed)) for seed in args.seeds] for s in wanted}
 
@@ -257,6 +257,15 @@ def earlier_legs_minutes(run_dir: Path) -> float:
             begin = rec["time"]
         last = rec.get("time", last)
     return total / 60
+
+
+def ended_early(label: str, run_dir: Path, returncode: int) -> str:
+    """Why a run's process ended before the run finished: a stop asked for (STOP file or a signal; its log ends with
+    'stopped', and the same command resumes it) or a failure."""
+    records = events(run_dir)
+    if records and records[-1].get("event") == "stopped":
+        return f"{label} stopped at step {records[-1].get('step')}; run the same command again to resume it"
+    return f"{label} failed (exit {returncode})"
 
 
 def progress(run_dir: Path) -> str:

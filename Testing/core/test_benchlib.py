@@ -98,3 +98,18 @@ def test_a_resumed_run_counts_the_minutes_of_its_earlier_legs(tmp_path):
     assert benchlib.earlier_legs_minutes(tmp_path) == pytest.approx(3.0)
     write_log([("start", 0), ("train", 60), ("done", 90)])
     assert benchlib.earlier_legs_minutes(tmp_path) == 0.0
+
+
+def test_a_stopped_run_is_reported_as_stopped_not_failed(tmp_path):
+    """A run whose log ends with the trainer's 'stopped' record was stopped on request (a STOP file or a signal) and
+    resumes; any other early exit, including a crash after an earlier stop and resume, is a failure."""
+    def write_log(records):
+        (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    write_log([{"event": "start"}, {"event": "train", "step": 50}, {"event": "stopped", "step": 52}])
+    assert benchlib.ended_early("la_4 seed 0", tmp_path, 1) == (
+        "la_4 seed 0 stopped at step 52; run the same command again to resume it")
+    write_log([{"event": "start"}, {"event": "stopped", "step": 52}, {"event": "resumed"},
+               {"event": "train", "step": 60}])
+    assert benchlib.ended_early("la_4 seed 0", tmp_path, 1) == "la_4 seed 0 failed (exit 1)"
+    assert benchlib.ended_early("la_4 seed 0", tmp_path / "never-started", -9) == "la_4 seed 0 failed (exit -9)"
