@@ -73,6 +73,11 @@ def test_a_run_whose_warm_start_was_trained_again_is_stale(tmp_path):
     assert "trained again" in benchlib.stale_reason(run, benchlib.resolved_config("cont", RAW, [], 0), start)
 
 
+def write_log(run_dir: Path, records: list[dict]) -> None:
+    """A run's log.jsonl holding these records."""
+    (run_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
 @pytest.mark.parametrize("rerun", [False, True])
 def test_the_harness_stops_before_training_when_a_start_it_needs_is_stale(tmp_path, rerun):
     """A stale warm start stops the benchmark even when only the runs built on it are asked for (and --rerun, which
@@ -89,27 +94,23 @@ def test_the_harness_stops_before_training_when_a_start_it_needs_is_stale(tmp_pa
 def test_a_resumed_run_counts_the_minutes_of_its_earlier_legs(tmp_path):
     """Stopped at 2 minutes, resumed and killed after 1 more minute, resumed again: the earlier legs are 3 minutes
     (the time between a stop and the next resume is not counted); a run that never resumed has none."""
-    def write_log(records):
-        lines = [json.dumps({"event": event, "time": 1.8e9 + t}) for event, t in records]
-        (tmp_path / "log.jsonl").write_text("\n".join(lines) + "\n")
+    def timed(records):
+        return [{"event": event, "time": 1.8e9 + t} for event, t in records]
 
-    write_log([("start", 0), ("train", 60), ("stopped", 120), ("resumed", 1000), ("train", 1060), ("resumed", 2000),
-               ("train", 2300), ("done", 2600)])
+    write_log(tmp_path, timed([("start", 0), ("train", 60), ("stopped", 120), ("resumed", 1000), ("train", 1060),
+                               ("resumed", 2000), ("train", 2300), ("done", 2600)]))
     assert benchlib.earlier_legs_minutes(tmp_path) == pytest.approx(3.0)
-    write_log([("start", 0), ("train", 60), ("done", 90)])
+    write_log(tmp_path, timed([("start", 0), ("train", 60), ("done", 90)]))
     assert benchlib.earlier_legs_minutes(tmp_path) == 0.0
 
 
 def test_a_stopped_run_is_reported_as_stopped_not_failed(tmp_path):
     """A run whose log ends with the trainer's 'stopped' record was stopped on request (a STOP file or a signal) and
     resumes; any other early exit, including a crash after an earlier stop and resume, is a failure."""
-    def write_log(records):
-        (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-
-    write_log([{"event": "start"}, {"event": "train", "step": 50}, {"event": "stopped", "step": 52}])
+    write_log(tmp_path, [{"event": "start"}, {"event": "train", "step": 50}, {"event": "stopped", "step": 52}])
     assert benchlib.ended_early("la_4 seed 0", tmp_path, 1) == (
         "la_4 seed 0 stopped at step 52; run the same command again to resume it")
-    write_log([{"event": "start"}, {"event": "stopped", "step": 52}, {"event": "resumed"},
-               {"event": "train", "step": 60}])
+    write_log(tmp_path, [{"event": "start"}, {"event": "stopped", "step": 52}, {"event": "resumed"},
+                         {"event": "train", "step": 60}])
     assert benchlib.ended_early("la_4 seed 0", tmp_path, 1) == "la_4 seed 0 failed (exit 1)"
     assert benchlib.ended_early("la_4 seed 0", tmp_path / "never-started", -9) == "la_4 seed 0 failed (exit -9)"
