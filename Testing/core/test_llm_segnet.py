@@ -233,3 +233,42 @@ def test_warm_up_warm_start_and_crop_policy(la_dir, cache, tmp_path):
     assert float(method.training_step({"labelled": lab, "unlabelled": unl}, step=80)["unsup_weight"]) == 1.0
     with pytest.raises(ConfigError, match="llm_segnet.labelled_crop"):
         check_params(config_from_dict(raw_config(la_dir, cache, labelled_crop="foreground")))
+
+
+def test_peer_view_raw_takes_a_targets_from_b_on_the_unmixed_images(la_dir, cache):
+    """peer_view: raw (TraCoCo's loop): network A learns from B's prediction on the images A saw, not from B's
+    prediction on the CutMix view; B still learns from A's prediction mixed; A's term trains A."""
+    from semiseg.losses import dice_ce_loss
+
+    cases = [load_case(c, "none", 2) for c in discover_cases(la_dir)[:3]]
+    lab = PatchSampler(cases[:2], (32, 32, 32), 1, seed=0, foreground_prob=1.0).next_batch()
+    unl = PatchSampler(cases[2:], (32, 32, 32), 2, seed=1).next_batch()
+    xl, xu, n = lab.image, unl.image, lab.image.shape[0]
+    losses = {}
+    for view in ("mixed", "raw"):
+        raw = raw_config(la_dir, cache, use_text=False, peer_view=view)
+        raw["model"]["norm"] = "instance"  # per-image outputs: a patch's logits do not depend on the batch beside it
+        torch.manual_seed(0)
+        method = build_method(config_from_dict(raw), torch.device("cpu"))
+        torch.manual_seed(1)
+        out = method.training_step({"labelled": lab, "unlabelled": unl}, step=100)
+        torch.manual_seed(1)
+        box = cutmix_box(xu.shape[2:], method.params.cutmix_beta)  # the box the step drew
+        with torch.no_grad():
+            a, b_raw = method.net_a(xu), method.net_b(xu)
+            b_mixed = method.net_b(mix(xu, box))
+        peer_of_a = torch.softmax(b_raw if view == "raw" else b_mixed, 1)
+        own_a = a if view == "raw" else mix(a, box)
+        tau = method.params.confidence
+        torch.testing.assert_close(out["unsup_a"], unified_segmentation_loss(own_a, peer_of_a, tau))
+        torch.testing.assert_close(out["unsup_b"], unified_segmentation_loss(b_mixed, torch.softmax(mix(a, box), 1),
+                                                                             tau))
+        losses[view] = float(out["unsup_a"])
+        out["loss"].backward()  # A's gradient is its supervised term's plus the unlabelled term's
+        total = [p.grad.clone() for p in method.net_a.parameters()]
+        method.zero_grad()
+        dice_ce_loss(method.net_a(torch.cat([xl, xu]))[:n], lab.label).backward()
+        assert any(not torch.allclose(t, p.grad) for t, p in zip(total, method.net_a.parameters()))
+    assert losses["raw"] != pytest.approx(losses["mixed"])
+    with pytest.raises(ConfigError, match="llm_segnet.peer_view"):
+        check_params(config_from_dict(raw_config(la_dir, cache, peer_view="clean")))

@@ -5,7 +5,9 @@ of the unlabelled ones. Both get Dice + cross-entropy on the labelled images. On
 is supervised by the other (the peer's softmax, without gradient) through the Unified Segmentation Loss, compared in
 the CutMix space: A's raw predictions are mixed with the same box (mixing is voxel selection, so every voxel of A's
 prediction is used once) and set against B's prediction on the mixed images, and vice versa. The USL averages its
-NLL over the confident voxels and its MSE over the others (the normalisation of TraCoCo's peer losses).
+NLL over the confident voxels and its MSE over the others (the normalisation of TraCoCo's peer losses). With
+``peer_view: raw`` A's targets are B's prediction on the unmixed images instead (TraCoCo's loop), so each network
+learns from its peer's view of the clean images.
 
 Schedule (issue 13): the unlabelled loss is off for a supervised warm-up (``warmup``) and then ramps up; both
 networks may also start from a supervised run of the same network (``train.init_from``: its ``net.*`` weights go
@@ -76,6 +78,11 @@ class LLMSegNetParams:
     labelled_crop: str = "config"
     """config: labelled patches follow train.foreground_crop; random: they are cropped like the unlabelled ones
     (train.foreground_crop is then not used). See the measurements in the module docstring."""
+    peer_view: str = "mixed"
+    """The view on which network B predicts network A's pseudo-labels. mixed: B's prediction on the CutMix view,
+    brought back voxel by voxel (the first version); raw: B's prediction on the unmixed images, one more forward
+    pass without gradient (TraCoCo's loop: each network learns from its peer's prediction on the clean batch; B
+    always learns from A's prediction on the unmixed images, mixed)."""
     cutmix_beta: float = 4.0
     """Fraction of each mixed patch taken from the partner image ~ Beta(b, b) (a box with that volume)."""
     predict_with: str = "mean"
@@ -103,7 +110,8 @@ class LLMSegNet(Method):
             raise ConfigError(f"config key 'llm_segnet.confidence' must be in (0, 1], got {p.confidence}")
         if p.cutmix_beta <= 0:
             raise ConfigError(f"config key 'llm_segnet.cutmix_beta' must be > 0, got {p.cutmix_beta}")
-        for key, allowed in (("fusion", ("film", "bias")), ("labelled_crop", ("random", "config"))):
+        for key, allowed in (("fusion", ("film", "bias")), ("labelled_crop", ("random", "config")),
+                             ("peer_view", ("mixed", "raw"))):
             if getattr(p, key) not in allowed:
                 raise ConfigError(f"config key 'llm_segnet.{key}' must be one of {', '.join(allowed)}, "
                                   f"got '{getattr(p, key)}'")
@@ -196,7 +204,12 @@ class LLMSegNet(Method):
         sup_a = dice_ce_loss(logits_a[:n], y)
         sup_b = dice_ce_loss(logits_b[:n], y)
         mixed_a = mix(logits_a[n:], box)  # A's raw predictions, brought into the CutMix space of B's input
-        unsup_a = self.unlabelled_loss(mixed_a, logits_b[n:])
+        if p.peer_view == "raw":  # A learns from B's prediction on the images A saw
+            with torch.no_grad():
+                peer_raw = self.run(self.net_b, xu)
+            unsup_a = self.unlabelled_loss(logits_a[n:], peer_raw)
+        else:
+            unsup_a = self.unlabelled_loss(mixed_a, logits_b[n:])
         unsup_b = self.unlabelled_loss(logits_b[n:], mixed_a)
         loss = sup_a + sup_b + w * (unsup_a + unsup_b)
         out = {"loss": loss, "sup_a": sup_a.detach(), "sup_b": sup_b.detach(), "unsup_a": unsup_a.detach(),
